@@ -1,0 +1,363 @@
+"""The CPU worker pool, seen from the event loop: spawns worker processes, stages each batch in
+the worker's shared memory, and reads results through loop.add_reader (no threads).
+
+Event loop only; never imports torch (the workers do). A dead worker is replaced; its batches
+are retried once on another worker, then failed with model_error, so no request goes unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from server.config import ModelConfig
+from server.errors import ErrorCode
+from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
+from server.executors.model_info import ModelInfo
+from server.executors.shm_layout import ModelPlaces, plan_layout
+from server.executors.worker_entry import WorkerSetup, run_worker
+from server.metrics import Metrics
+from server.models.spec import TensorSpec
+
+log = logging.getLogger(__name__)
+
+# Two batches per worker: the next one is staged while the current one computes, so the
+# worker never idles waiting for the event loop.
+SLOTS_PER_WORKER = 2
+MAX_ATTEMPTS = 2  # a batch whose worker died is retried once
+RESPAWN_BACKOFF_S = (0.0, 0.5, 2.0, 5.0)
+
+
+class PoolStartError(RuntimeError):
+    pass
+
+
+class _InFlight:
+    __slots__ = ("batch", "done", "slot")
+
+    def __init__(self, batch: Batch, done: DoneCallback, slot: int) -> None:
+        self.batch, self.done, self.slot = batch, done, slot
+
+
+class _Worker:
+    def __init__(self, index: int, process: BaseProcess, conn: Connection) -> None:
+        self.index = index
+        self.process = process
+        self.conn = conn
+        self.ready = False
+        self.alive = True
+        self.slots: list[_InFlight | None] = [None] * SLOTS_PER_WORKER
+        self.by_seq: dict[int, _InFlight] = {}
+        self.started: asyncio.Future[None] | None = None
+
+    def free_slot(self) -> int | None:
+        for i, used in enumerate(self.slots):
+            if used is None:
+                return i
+        return None
+
+    @property
+    def busy(self) -> int:
+        return SLOTS_PER_WORKER - self.slots.count(None)
+
+
+class CpuPool:
+    device = "cpu"
+
+    def __init__(
+        self, models: tuple[ModelConfig, ...], workers: int, threads: int, metrics: Metrics
+    ) -> None:
+        self._configs = models
+        self._size = workers
+        self._threads = threads
+        self._metrics = metrics
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._segments: dict[int, SharedMemory] = {}
+        self._places: list[dict[str, ModelPlaces]] | None = None
+        self._views: dict[int, list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]]] = {}
+        self.models: dict[str, ModelInfo] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._retry: deque[tuple[Batch, DoneCallback]] = deque()
+        self._seq = itertools.count()
+        self._stopping = False
+        self._failures: dict[int, int] = {}
+        self._started = False  # after start(): a worker that fails is replaced, not fatal
+
+    # Start and stop ------------------------------------------------------------------------
+    async def start(self, timeout_s: float) -> dict[str, ModelInfo]:
+        """Spawn every worker and wait until each has loaded, warmed up and attached."""
+        for index in range(self._size):
+            self._spawn(index)
+        waits = [w.started for w in self._workers.values() if w.started is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
+        except asyncio.TimeoutError:
+            late = [w.index for w in self._workers.values() if not w.ready]
+            raise PoolStartError(
+                f"CPU workers {late} were not ready after {timeout_s:.0f} s "
+                "(workers.start_timeout_s)"
+            ) from None
+        self._started = True
+        for worker in self._workers.values():
+            worker.started = None
+        log.info("CPU pool ready: %d workers x %d threads", self._size, self._threads)
+        return self.models
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
+        for worker in list(self._workers.values()):
+            self._fail_in_flight(worker, ErrorCode.SHUTTING_DOWN, "the server stopped")
+            if worker.alive:
+                self._close_worker(worker, send_stop=True)
+        procs = [w.process for w in self._workers.values()]
+        await asyncio.gather(*(asyncio.to_thread(p.join, timeout_s) for p in procs))
+        for proc in procs:
+            if proc.is_alive():
+                log.warning("worker pid %s did not stop in %.0f s; killing it", proc.pid, timeout_s)
+                proc.kill()
+                proc.join(1.0)
+        for segment in self._segments.values():
+            segment.close()
+            segment.unlink()
+        self._segments.clear()
+
+    def _spawn(self, index: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        setup = WorkerSetup(index, self._configs, self._threads)
+        process = self._ctx.Process(
+            target=run_worker,
+            args=(child_conn, setup),
+            name=f"microbatch-cpu-{index}",
+            daemon=True,
+        )
+        process.start()
+        # Our copy of the child's end must go, or its death would never read as EOF here.
+        child_conn.close()
+        worker = _Worker(index, process, parent_conn)
+        if not self._started:
+            worker.started = asyncio.get_running_loop().create_future()
+        self._workers[index] = worker
+        asyncio.get_running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker)
+        log.info("started CPU worker %d (pid %s)", index, process.pid)
+
+    # Dispatcher protocol -------------------------------------------------------------------
+    def free_slots(self, model: str) -> int:
+        if self._retry:
+            return 0  # batches of crashed workers go first
+        return sum(w.slots.count(None) for w in self._workers.values() if w.ready)
+
+    def hold_for_fill(self, model: str) -> bool:
+        return False
+
+    def add_capacity_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def dispatch(self, batch: Batch, done: DoneCallback) -> None:
+        worker = min(
+            (w for w in self._workers.values() if w.ready and w.free_slot() is not None),
+            key=lambda w: w.busy,
+            default=None,
+        )
+        if worker is None:
+            self._retry.append((batch, done))  # no capacity: runs on the next free slot
+            return
+        slot = worker.free_slot()
+        assert slot is not None
+        self._stage_inputs(worker.index, slot, batch)
+        seq = next(self._seq)
+        flight = _InFlight(batch, done, slot)
+        worker.slots[slot] = flight
+        worker.by_seq[seq] = flight
+        batch.attempts += 1
+        try:
+            self._send(worker, ["run", seq, slot, batch.model, batch.samples])
+        except OSError:
+            self._on_death(worker)
+
+    def _stage_inputs(self, index: int, slot: int, batch: Batch) -> None:
+        inputs, _ = self._views[index][slot][batch.model]
+        specs = self.models[batch.model].inputs
+        for spec, target in zip(specs, inputs, strict=True):
+            dst = target[: batch.samples]
+            arrays = [r.inputs[spec.name] for r in batch.requests]
+            # Dtypes were checked at admission; the cast to the model's dtype happens here,
+            # in the one copy into shared memory.
+            if len(arrays) == 1:
+                np.copyto(dst, arrays[0], casting="unsafe")
+            else:
+                np.concatenate(arrays, axis=0, out=dst, casting="unsafe")
+
+    # Worker messages -----------------------------------------------------------------------
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            while worker.alive and worker.conn.poll():
+                self._on_message(worker, msgpack.unpackb(worker.conn.recv_bytes(), raw=False))
+        except (EOFError, OSError):
+            self._on_death(worker)
+
+    def _on_message(self, worker: _Worker, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "done" or kind == "failed":
+            self._on_result(worker, message)
+        elif kind == "loaded":
+            self._on_loaded(worker, message[1])
+        elif kind == "ready":
+            worker.ready = True
+            self._failures.pop(worker.index, None)
+            if worker.started is not None and not worker.started.done():
+                worker.started.set_result(None)
+            self._capacity_freed()
+        elif kind == "load_failed":
+            self._on_load_failed(worker, str(message[1]))
+
+    def _on_result(self, worker: _Worker, message: list[Any]) -> None:
+        flight = worker.by_seq.pop(message[1])
+        worker.slots[flight.slot] = None
+        batch = flight.batch
+        if message[0] == "done":
+            _, outputs = self._views[worker.index][flight.slot][batch.model]
+            specs = self.models[batch.model].outputs
+            result = {
+                spec.name: view[: batch.samples].copy()
+                for spec, view in zip(specs, outputs, strict=True)
+            }
+            flight.done(batch, BatchDone(result, float(message[2]), self.device))
+        else:
+            flight.done(batch, BatchFailed(str(message[2]), str(message[3])))
+        self._capacity_freed()
+
+    def _on_loaded(self, worker: _Worker, reported: list[Any]) -> None:
+        infos = {
+            name: ModelInfo(
+                name,
+                tuple(TensorSpec.from_wire(s) for s in inputs),
+                tuple(TensorSpec.from_wire(s) for s in outputs),
+                cfg.batching,
+            )
+            for (name, inputs, outputs), cfg in zip(reported, self._configs, strict=True)
+        }
+        if not self.models:
+            self.models = infos
+        elif infos != self.models:
+            raise PoolStartError(f"worker {worker.index} reports other model specs than worker 0")
+        if worker.index not in self._segments:
+            self._create_segment(worker.index)
+        self._send(worker, ["attach", self._segments[worker.index].name, SLOTS_PER_WORKER])
+
+    def _create_segment(self, index: int) -> None:
+        layout = plan_layout(
+            {n: (m.inputs, m.outputs, m.batching.max_batch_size) for n, m in self.models.items()},
+            SLOTS_PER_WORKER,
+        )
+        segment = SharedMemory(create=True, size=layout.total_bytes)
+        self._segments[index] = segment
+        buf = segment.buf
+        assert buf is not None
+        self._views[index] = [
+            {
+                name: ([p.view(buf) for p in places.inputs], [p.view(buf) for p in places.outputs])
+                for name, places in region.items()
+            }
+            for region in layout.slots
+        ]
+
+    def _on_load_failed(self, worker: _Worker, message: str) -> None:
+        log.error("CPU worker %d failed to start: %s", worker.index, message)
+        if worker.started is not None and not worker.started.done():
+            worker.started.set_exception(PoolStartError(message))
+            self._close_worker(worker, send_stop=False)
+            return
+        self._on_death(worker)
+
+    # Death and replacement -----------------------------------------------------------------
+    def _on_death(self, worker: _Worker) -> None:
+        if not worker.alive:
+            return
+        self._close_worker(worker, send_stop=False)
+        if worker.started is not None and not worker.started.done():
+            worker.started.set_exception(
+                PoolStartError(f"CPU worker {worker.index} exited during start-up")
+            )
+            return
+        if self._stopping:
+            return
+        log.error("CPU worker %d (pid %s) died; replacing it", worker.index, worker.process.pid)
+        self._metrics.worker_restarts += 1
+        self._requeue_in_flight(worker)
+        failures = self._failures.get(worker.index, 0)
+        self._failures[worker.index] = failures + 1
+        delay = RESPAWN_BACKOFF_S[min(failures, len(RESPAWN_BACKOFF_S) - 1)]
+        asyncio.get_running_loop().call_later(delay, self._respawn, worker.index)
+        self._capacity_freed()
+
+    def _requeue_in_flight(self, worker: _Worker) -> None:
+        for flight in list(worker.by_seq.values()):
+            if flight.batch.attempts < MAX_ATTEMPTS:
+                self._retry.append((flight.batch, flight.done))
+            else:
+                flight.done(
+                    flight.batch,
+                    BatchFailed(
+                        ErrorCode.MODEL_ERROR.value,
+                        "the worker process died while running this batch, and again on retry",
+                    ),
+                )
+        worker.by_seq.clear()
+        worker.slots = [None] * SLOTS_PER_WORKER
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping:
+            self._spawn(index)
+
+    def _close_worker(self, worker: _Worker, *, send_stop: bool) -> None:
+        worker.alive = worker.ready = False
+        asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        if send_stop:
+            with contextlib.suppress(OSError):
+                self._send(worker, ["stop"])
+        worker.conn.close()
+
+    def _fail_in_flight(self, worker: _Worker, code: ErrorCode, message: str) -> None:
+        for flight in list(worker.by_seq.values()):
+            flight.done(flight.batch, BatchFailed(code.value, message))
+        worker.by_seq.clear()
+
+    def _capacity_freed(self) -> None:
+        while self._retry and any(
+            w.ready and w.free_slot() is not None for w in self._workers.values()
+        ):
+            batch, done = self._retry.popleft()
+            self.dispatch(batch, done)
+        for listener in self._listeners:
+            listener()
+
+    @staticmethod
+    def _send(worker: _Worker, message: list[Any]) -> None:
+        worker.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+
+    # Introspection -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return any(w.ready for w in self._workers.values())
+
+    def busy_workers(self) -> int:
+        return sum(1 for w in self._workers.values() if w.ready and w.busy)
+
+    def live_workers(self) -> int:
+        return sum(1 for w in self._workers.values() if w.ready)
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers.values() if w.alive and w.process.pid]

@@ -1,0 +1,163 @@
+"""Entry point of one CPU worker process: load and warm the models, then run batches.
+
+Runs in its own (spawned) process and imports torch. It talks to the pool over one
+multiprocessing Connection in small msgpack messages; tensors stay in shared memory:
+    -> ["loaded", [[model, inputs, outputs], ...]] | ["load_failed", message]
+    <- ["attach", segment name, slots]     -> ["ready"]
+    <- ["run", seq, slot, model, samples]
+        -> ["done", seq, compute_s] | ["failed", seq, code, message]
+    <- ["stop"]
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+
+from server.errors import ErrorCode
+from server.executors.shm_layout import plan_layout
+from server.executors.worker_entry import WorkerSetup
+from server.models.loading import LoadedModel, ModelLoadError, load_model
+from server.models.spec import TensorSpec
+
+if TYPE_CHECKING:
+    from server.config import ModelConfig
+
+WARMUP_ROUNDS = 3
+
+
+def worker_main(conn: Connection, setup: WorkerSetup) -> None:
+    # Ctrl-C reaches the whole process group; only the server decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(setup.threads)
+    torch.set_num_interop_threads(1)
+    try:
+        models = {cfg.name: _load_and_warm(cfg) for cfg in setup.models}
+    except ModelLoadError as exc:
+        _send(conn, ["load_failed", str(exc)])
+        return
+    _send(
+        conn,
+        [
+            "loaded",
+            [
+                [m.name, [s.to_wire() for s in m.inputs], [s.to_wire() for s in m.outputs]]
+                for m in models.values()
+            ],
+        ],
+    )
+    try:
+        message = _recv(conn)
+    except EOFError:
+        return
+    _, segment_name, slots = message
+    segment = SharedMemory(name=segment_name)
+    try:
+        _send(conn, ["ready"])
+        _serve_blocking(conn, models, _tensor_views(segment, models, setup, slots))
+    finally:
+        segment.close()
+
+
+def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
+    model = load_model(cfg)
+    with torch.inference_mode():
+        for n in sorted({1, cfg.batching.max_batch_size}):
+            tensors = [
+                torch.zeros((n, *s.shape), dtype=getattr(torch, s.dtype)) for s in model.inputs
+            ]
+            for _ in range(WARMUP_ROUNDS):
+                model.run(tensors)
+    return model
+
+
+_Views = list[dict[str, tuple[list[torch.Tensor], list[tuple[TensorSpec, torch.Tensor]]]]]
+
+
+def _tensor_views(
+    segment: SharedMemory, models: dict[str, LoadedModel], setup: WorkerSetup, slots: int
+) -> _Views:
+    """Torch tensors over the shared segment, built once: a batch then only slices them."""
+    batch_caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = plan_layout(
+        {name: (m.inputs, m.outputs, batch_caps[name]) for name, m in models.items()}, slots
+    )
+    buf = segment.buf
+    assert buf is not None
+    views: _Views = []
+    for region in layout.slots:
+        views.append(
+            {
+                name: (
+                    [torch.from_numpy(p.view(buf)) for p in places.inputs],
+                    [(p.spec, torch.from_numpy(p.view(buf))) for p in places.outputs],
+                )
+                for name, places in region.items()
+            }
+        )
+    return views
+
+
+def _serve_blocking(conn: Connection, models: dict[str, LoadedModel], views: _Views) -> None:
+    while True:
+        try:
+            message = _recv(conn)
+        except EOFError:
+            return  # the server is gone: nothing left to answer
+        if message[0] != "run":
+            return
+        _, seq, slot, model_name, samples = message
+        inputs, outputs = views[slot][model_name]
+        started = time.perf_counter()
+        try:
+            _run_batch(models[model_name], [t[:samples] for t in inputs], outputs, samples)
+        except Exception as exc:  # a model's own failure: reported, the worker lives on
+            text = str(exc).strip().splitlines()
+            detail = text[-1] if text else ""
+            _send(
+                conn,
+                [
+                    "failed",
+                    seq,
+                    ErrorCode.MODEL_ERROR.value,
+                    f"model {model_name!r} raised {type(exc).__name__}: {detail}",
+                ],
+            )
+            continue
+        _send(conn, ["done", seq, time.perf_counter() - started])
+
+
+def _run_batch(
+    model: LoadedModel,
+    inputs: list[torch.Tensor],
+    outputs: list[tuple[TensorSpec, torch.Tensor]],
+    samples: int,
+) -> None:
+    with torch.inference_mode():
+        result = model.run(inputs)
+        for spec, target in outputs:
+            produced = result.get(spec.name)
+            if produced is None:
+                raise ValueError(f"output {spec.name!r} missing from this batch's result")
+            if tuple(produced.shape[1:]) != spec.shape:
+                raise ValueError(
+                    f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "
+                    f"expected {list(spec.shape)}"
+                )
+            target[:samples].copy_(produced)
+
+
+def _send(conn: Connection, message: list[Any]) -> None:
+    conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+
+
+def _recv(conn: Connection) -> list[Any]:
+    message = msgpack.unpackb(conn.recv_bytes(), raw=False)
+    assert isinstance(message, list)
+    return message

@@ -1,0 +1,45 @@
+"""What the HTTP handlers read: the served models, their queues, the pool and the server phase.
+
+Event loop only; built by lifecycle.py, stored on the aiohttp app under a typed AppKey.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from server.batching.queue import BatchQueue
+from server.clock import Clock
+from server.config import Config
+from server.executors.cpu_pool import CpuPool
+from server.executors.model_info import ModelInfo
+from server.metrics import Metrics
+from server.protocol.codec import Limits
+
+
+class Phase(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "shutting_down"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Endpoint:
+    info: ModelInfo
+    queue: BatchQueue
+
+
+@dataclass(eq=False)
+class ServerState:
+    config: Config
+    clock: Clock
+    metrics: Metrics
+    limits: Limits
+    pool: CpuPool | None = None
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    phase: Phase = Phase.STARTING
+    failure: str = ""
+
+    def outstanding_samples(self) -> int:
+        return sum(e.queue.outstanding_samples for e in self.endpoints.values())

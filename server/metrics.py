@@ -1,0 +1,209 @@
+"""Server metrics: typed events from the hot path, exported as Prometheus text.
+
+Event loop only. Hot-path events append plain floats to lists; they are bucketed with numpy
+only when /metrics is scraped, so a request pays a list append rather than a locked
+prometheus_client Histogram.observe. Rendering uses prometheus_client's own exposition.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.executors.base import Batch
+
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Observations held back before bucketing; bounds memory between scrapes.
+_FLUSH_AT = 4096
+
+
+class _LazyHistogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: above every bucket
+        self.total = 0.0
+        self._held: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self._held.append(value)
+        if len(self._held) >= _FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        values = np.asarray(self._held, dtype=np.float64)
+        self._held = []
+        # Prometheus buckets are "less than or equal to" the bound.
+        index = np.searchsorted(self.buckets, values, side="left")
+        self.counts += np.bincount(index, minlength=len(self.counts))
+        self.total += float(values.sum())
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        self.flush()
+        running = np.cumsum(self.counts)
+        pairs = [(_bound(b), float(c)) for b, c in zip(self.buckets, running[:-1], strict=True)]
+        pairs.append(("+Inf", float(running[-1])))
+        return pairs
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and value >= 1 else repr(float(value))
+
+
+class Metrics(Collector):
+    """Every metric the server exports; one instance per server, with its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._dropped: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._batches: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._samples: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._latency: defaultdict[str, _LazyHistogram] = defaultdict(
+            lambda: _LazyHistogram(LATENCY_BUCKETS_S)
+        )
+        self._queue_delay: defaultdict[str, _LazyHistogram] = defaultdict(
+            lambda: _LazyHistogram(LATENCY_BUCKETS_S)
+        )
+        self._compute: defaultdict[tuple[str, ...], _LazyHistogram] = defaultdict(
+            lambda: _LazyHistogram(LATENCY_BUCKETS_S)
+        )
+        self._batch_size: defaultdict[tuple[str, ...], _LazyHistogram] = defaultdict(
+            lambda: _LazyHistogram(BATCH_SIZE_BUCKETS)
+        )
+        self.worker_restarts = 0
+        self._gauges: list[tuple[str, str, str, Callable[[], dict[str, float]]]] = []
+        self.registry.register(self)
+
+    # Events -------------------------------------------------------------------------------
+    def request_done(self, model: str, code: str, latency_s: float) -> None:
+        self._requests[(model, code)] += 1
+        self._latency[model].observe(latency_s)
+
+    def request_dropped(self, model: str, reason: str) -> None:
+        self._dropped[(model, reason)] += 1
+
+    def batch_done(self, model: str, device: str, batch: Batch, compute_s: float) -> None:
+        self._batches[(model, device, "ok")] += 1
+        self._samples[(model, device)] += batch.samples
+        self._batch_size[(model, device)].observe(batch.samples)
+        self._compute[(model, device)].observe(compute_s)
+        delays = self._queue_delay[model]
+        for request in batch.requests:
+            delays.observe(request.dispatched_at - request.arrived_at)
+
+    def batch_failed(self, model: str, samples: int) -> None:
+        self._batches[(model, "", "failed")] += 1
+
+    def add_gauge(
+        self, name: str, doc: str, label: str, read: Callable[[], dict[str, float]]
+    ) -> None:
+        """A gauge read at scrape time: `read` returns {label value: gauge value}."""
+        self._gauges.append((name, doc, label, read))
+
+    # Export -------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        yield _counter(
+            "microbatch_requests",
+            "Requests answered, by model and code.",
+            ["model", "code"],
+            self._requests,
+        )
+        yield _counter(
+            "microbatch_dropped_requests",
+            "Admitted requests never computed (deadline passed, client gone).",
+            ["model", "reason"],
+            self._dropped,
+        )
+        yield _counter(
+            "microbatch_batches",
+            "Batches run, by model, device and outcome.",
+            ["model", "device", "outcome"],
+            self._batches,
+        )
+        yield _counter(
+            "microbatch_batch_samples",
+            "Samples computed, by model and device.",
+            ["model", "device"],
+            self._samples,
+        )
+        restarts = CounterMetricFamily(
+            "microbatch_worker_restarts", "Worker processes replaced after dying."
+        )
+        restarts.add_metric([], self.worker_restarts)
+        yield restarts
+        yield _histogram(
+            "microbatch_request_latency_seconds",
+            "Time from a request's admission to its answer.",
+            ["model"],
+            {(k,): v for k, v in self._latency.items()},
+        )
+        yield _histogram(
+            "microbatch_queue_delay_seconds",
+            "Time a request waited in the queue before its batch was dispatched.",
+            ["model"],
+            {(k,): v for k, v in self._queue_delay.items()},
+        )
+        yield _histogram(
+            "microbatch_batch_size",
+            "Samples per dispatched batch.",
+            ["model", "device"],
+            self._batch_size,
+        )
+        yield _histogram(
+            "microbatch_batch_compute_seconds",
+            "Model time per batch, measured where it ran.",
+            ["model", "device"],
+            self._compute,
+        )
+        for name, doc, label, read in self._gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=[label])
+            for key, value in read().items():
+                gauge.add_metric([key], value)
+            yield gauge
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in values.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], hists: Mapping[tuple[str, ...], _LazyHistogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, hist in hists.items():
+        buckets = hist.cumulative()
+        family.add_metric(list(key), buckets, sum_value=hist.total)
+    return family

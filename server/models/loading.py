@@ -1,0 +1,120 @@
+"""Loads a configured model into a callable that takes and returns a batch of tensors.
+
+Runs where torch runs: inside CPU worker processes and the in-process `microbatch infer`;
+never on the server's event loop. TorchScript files execute code when loaded and must come
+from a trusted source; `.pt2` programs are loaded with torch.export.load (no pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.config import ModelConfig
+from server.models.builtin import build_builtin, builtin_input_spec
+from server.models.spec import SUPPORTED_DTYPES, TensorSpec
+
+_TORCH_TO_WIRE = {getattr(torch, name): name for name in SUPPORTED_DTYPES}
+_TORCH_TO_WIRE[torch.bfloat16] = "float32"  # widened: the wire has no bfloat16
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: Any
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = ()
+
+    def run(self, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward one batch; outputs keyed by name, each with the batch's leading dim."""
+        n = tensors[0].shape[0]
+        result = _name_outputs(self.module(*tensors))
+        for name, out in result.items():
+            if out.dim() == 0 or out.shape[0] != n:
+                raise ValueError(
+                    f"model returned output {name!r} of shape {list(out.shape)} for a batch of {n}"
+                )
+            if out.dtype == torch.bfloat16:
+                result[name] = out.float()
+        return result
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    try:
+        if cfg.format == "builtin":
+            builtin = cfg.path.removeprefix("builtin:")
+            model = LoadedModel(cfg.name, build_builtin(builtin), builtin_input_spec(builtin))
+        elif cfg.format == "export":
+            model = _load_export(cfg)
+        else:
+            module = torch.jit.load(cfg.path, map_location="cpu")  # type: ignore[no-untyped-call]
+            model = LoadedModel(cfg.name, module.eval(), cfg.inputs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model {cfg.name!r} failed to load from {cfg.path}: {exc}") from exc
+    model.outputs = _probe_outputs(model)
+    return model
+
+
+def _load_export(cfg: ModelConfig) -> LoadedModel:
+    program = torch.export.load(cfg.path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta["val"]
+        dims = list(val.shape)
+        if not dims:
+            raise ModelLoadError(f"model {cfg.name!r}: input {node.name!r} has no batch dimension")
+        if not all(isinstance(d, int) for d in dims[1:]):
+            raise ModelLoadError(
+                f"model {cfg.name!r}: input {node.name!r} has a dynamic dimension other than "
+                f"the first ({dims}); only the batch dimension may be dynamic"
+            )
+        if isinstance(dims[0], int) and dims[0] != 1 and not cfg.inputs:
+            raise ModelLoadError(
+                f"model {cfg.name!r}: the batch dimension of {node.name!r} is fixed at {dims[0]}; "
+                "export with torch.export.Dim for the first dimension"
+            )
+        dtype = _TORCH_TO_WIRE.get(val.dtype)
+        if dtype is None:
+            raise ModelLoadError(f"model {cfg.name!r}: input dtype {val.dtype} is not supported")
+        specs.append(TensorSpec(node.name, dtype, tuple(int(d) for d in dims[1:])))
+    return LoadedModel(cfg.name, program.module(), tuple(specs))
+
+
+def _probe_outputs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+    """Run one zero sample to learn the outputs' names, dtypes and per-sample shapes."""
+    tensors = [
+        torch.zeros((1, *spec.shape), dtype=getattr(torch, spec.dtype)) for spec in model.inputs
+    ]
+    try:
+        with torch.inference_mode():
+            outputs = model.run(tensors)
+    except Exception as exc:
+        raise ModelLoadError(f"model {model.name!r} failed on a zero input: {exc}") from exc
+    specs = []
+    for name, out in outputs.items():
+        dtype = _TORCH_TO_WIRE.get(out.dtype)
+        if dtype is None:
+            raise ModelLoadError(f"model {model.name!r}: output dtype {out.dtype} is not supported")
+        specs.append(TensorSpec(name, dtype, tuple(out.shape[1:])))
+    return tuple(specs)
+
+
+def _name_outputs(result: Any) -> dict[str, torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return {"output": result}
+    if isinstance(result, dict):
+        return {str(k): v for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return {f"output_{i}": v for i, v in enumerate(result)}
+    raise ValueError(f"model returned {type(result).__name__}; expected a tensor, tuple or dict")

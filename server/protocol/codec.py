@@ -1,0 +1,240 @@
+"""Wire codec: msgpack and JSON bodies to numpy arrays and back, with validation.
+
+Runs on the server's event loop and inside clients; imports neither torch nor aiohttp. Every
+malformed input raises BadRequest (or PayloadTooLarge) naming the field; declared shapes are
+checked against the body and the element limits before any buffer is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from server.models.spec import SUPPORTED_DTYPES
+
+MSGPACK = "msgpack"
+JSON = "json"
+MSGPACK_CONTENT_TYPE = "application/msgpack"
+JSON_CONTENT_TYPE = "application/json"
+_CONTENT_TYPES = {
+    "application/msgpack": MSGPACK,
+    "application/x-msgpack": MSGPACK,
+    "application/vnd.msgpack": MSGPACK,
+    "application/json": JSON,
+}
+CONTENT_TYPE_OF = {MSGPACK: MSGPACK_CONTENT_TYPE, JSON: JSON_CONTENT_TYPE}
+
+# Little-endian wire dtypes, resolved once; numpy converts to native order where it differs.
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES
+}
+# dtype.name costs microseconds on the hot path; a dict lookup on the dtype costs nanoseconds.
+_NAME_OF: dict[np.dtype[Any], str] = {np.dtype(name): name for name in SUPPORTED_DTYPES}
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+_REQUEST_KEYS = frozenset(("inputs", "id", "timeout_ms"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask the server to allocate."""
+
+    max_elements: int = 16 * 1024 * 1024
+    max_dims: int = 8
+    max_inputs: int = 64
+    max_id_chars: int = 256
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None
+    timeout_ms: float | None
+
+
+def encoding_of(content_type: str) -> str:
+    """`msgpack` or `json` for a Content-Type (parameters ignored); 415 for anything else."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    try:
+        return _CONTENT_TYPES[base]
+    except KeyError:
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/msgpack or application/json, got {base!r}"
+        ) from None
+
+
+def encode(obj: Any, encoding: str) -> bytes:
+    if encoding == MSGPACK:
+        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(body: bytes, encoding: str) -> Any:
+    """Parse a body; msgpack limits default to the body's own length, so no oversized buffers."""
+    try:
+        if encoding == MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return json.loads(body)
+    except RecursionError:
+        raise BadRequest(f"body is not valid {encoding}: nested too deeply") from None
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadRequest(f"body is not valid {encoding}: {exc}") from None
+
+
+def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
+    """Decode and validate an infer request body (tensors are not yet matched to a model)."""
+    obj = decode(body, encoding)
+    if not isinstance(obj, dict):
+        raise BadRequest(f"body must be a map with an 'inputs' key, got {_kind(obj)}")
+    unknown = obj.keys() - _REQUEST_KEYS
+    if unknown:
+        raise BadRequest(
+            f"unknown request field(s) {sorted(map(str, unknown))}; known: inputs, id, timeout_ms"
+        )
+    return InferRequest(
+        inputs=_decode_inputs(obj.get("inputs"), encoding, limits),
+        id=_decode_id(obj.get("id"), limits),
+        timeout_ms=_decode_timeout(obj.get("timeout_ms")),
+    )
+
+
+def _decode_inputs(inputs: Any, encoding: str, limits: Limits) -> dict[str, np.ndarray]:
+    if inputs is None:
+        raise BadRequest("missing field 'inputs' (a map of input name to tensor)")
+    if not isinstance(inputs, dict) or not inputs:
+        raise BadRequest(f"'inputs' must be a non-empty map of name to tensor, got {_kind(inputs)}")
+    if len(inputs) > limits.max_inputs:
+        raise BadRequest(f"'inputs' has {len(inputs)} entries, at most {limits.max_inputs}")
+    decoded: dict[str, np.ndarray] = {}
+    budget = limits.max_elements
+    for name, tensor in inputs.items():
+        if not isinstance(name, str):
+            raise BadRequest(f"input names must be strings, got {_kind(name)}")
+        arr = decode_tensor(tensor, f"inputs.{name}", encoding, limits, budget)
+        budget -= arr.size
+        decoded[name] = arr
+    return decoded
+
+
+def _decode_id(value: Any, limits: Limits) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"'id' must be a string, got {_kind(value)}")
+    if len(value) > limits.max_id_chars:
+        raise BadRequest(f"'id' has {len(value)} characters, at most {limits.max_id_chars}")
+    return value
+
+
+def _decode_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"'timeout_ms' must be a number, got {_kind(value)}")
+    if not (value > 0 and math.isfinite(value)):
+        raise BadRequest(f"'timeout_ms' must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def decode_tensor(
+    obj: Any, field: str, encoding: str, limits: Limits, budget: int | None = None
+) -> np.ndarray:
+    """One wire tensor to a native-order array (read-only for msgpack: a view of the body)."""
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{field} must be a map with dtype, shape and data, got {_kind(obj)}")
+    dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype_name not in _WIRE_DTYPES:
+        raise BadRequest(
+            f"{field}.dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}"
+        )
+    elements = _check_shape(shape, field, limits, limits.max_elements if budget is None else budget)
+    dtype = _WIRE_DTYPES[dtype_name]
+    if encoding == MSGPACK:
+        arr = _array_from_bytes(data, dtype, elements, field)
+    else:
+        arr = _array_from_list(data, dtype, elements, field)
+    arr = arr.reshape(shape)
+    if dtype_name == "bool" and arr.size and arr.view(np.uint8).max() > 1:
+        raise BadRequest(f"{field}.data holds bytes other than 0 and 1 for dtype bool")
+    return arr
+
+
+def _check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
+    if not isinstance(shape, list):
+        raise BadRequest(
+            f"{field}.shape must be a list of non-negative integers, got {_kind(shape)}"
+        )
+    if len(shape) > limits.max_dims:
+        raise BadRequest(f"{field}.shape has {len(shape)} dimensions, at most {limits.max_dims}")
+    elements = 1
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise BadRequest(f"{field}.shape must hold non-negative integers, got {shape!r}")
+        elements *= dim
+        # Checked as we go so that huge declared dims never reach an allocation.
+        if elements > budget:
+            raise PayloadTooLarge(
+                f"{field}.shape {shape!r} exceeds the limit of {limits.max_elements} "
+                "tensor elements per request"
+            )
+    return elements
+
+
+def _array_from_bytes(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
+    if not isinstance(data, bytes):
+        raise BadRequest(f"{field}.data must be binary (msgpack bin), got {_kind(data)}")
+    expected = elements * dtype.itemsize
+    if len(data) != expected:
+        raise BadRequest(f"{field}.data has {len(data)} bytes; its shape and dtype need {expected}")
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+
+
+def _array_from_list(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"{field}.data must be a (flat or nested) list in JSON, got {_kind(data)}")
+    try:
+        arr = np.array(data, dtype=dtype.newbyteorder("="))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"{field}.data is not a regular list of {dtype.name}: {exc}") from None
+    if arr.size != elements:
+        raise BadRequest(f"{field}.data has {arr.size} elements; its shape needs {elements}")
+    return arr.reshape(-1)
+
+
+def encode_tensor(arr: np.ndarray, encoding: str) -> dict[str, Any]:
+    """An array to its wire map (C-order little-endian bytes, or a nested list for JSON)."""
+    name = _NAME_OF.get(arr.dtype)
+    if name is None:  # a byte-swapped array: bring it to native order first
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+        name = _NAME_OF.get(arr.dtype)
+        if name is None:
+            raise ValueError(f"dtype {arr.dtype} has no wire name; supported: {SUPPORTED_DTYPES}")
+    if encoding == JSON:
+        return {"dtype": name, "shape": list(arr.shape), "data": arr.tolist()}
+    if _BIG_ENDIAN_HOST:  # the wire is little-endian
+        arr = arr.astype(_WIRE_DTYPES[name])
+    return {"dtype": name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def error_body(code: str, message: str, encoding: str) -> bytes:
+    return encode({"error": {"code": code, "message": message}}, encoding)
+
+
+def _kind(value: Any) -> str:
+    """How a value reads in an error message: its wire type, not a Python repr."""
+    names = {dict: "a map", list: "a list", str: "a string", bytes: "binary", bool: "a boolean"}
+    if value is None:
+        return "nothing (nil)"
+    for typ, name in names.items():
+        if isinstance(value, typ):
+            return name
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return type(value).__name__
