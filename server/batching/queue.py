@@ -12,7 +12,7 @@ from collections import deque
 
 from server.batching.pending import PendingRequest, RequestResult, reject, resolve
 from server.batching.policy import QueueSnapshot, decide
-from server.clock import Clock
+from server.clock import Clock, Timer
 from server.config import BatchingConfig
 from server.errors import DeadlineExceeded, Overloaded, ShuttingDown, error_for_code
 from server.executors.base import Batch, BatchDone, BatchOutcome, Dispatcher
@@ -41,7 +41,7 @@ class BatchQueue:
         self._queued_samples = 0
         self._in_flight_samples = 0
         self._pump_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._timer_at = float("inf")
         self._closed = False
         # A lower bound on the queued deadlines (exact after each sweep), so that the common
@@ -175,7 +175,7 @@ class BatchQueue:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self._loop.call_at(at, self._on_timer)
+        self._timer = self._clock.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, float("inf")

@@ -197,6 +197,8 @@ def _array_from_bytes(data: Any, dtype: np.dtype[Any], elements: int, field: str
 
 
 def _array_from_list(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
+    if isinstance(data, (int, float)) and elements == 1:
+        data = [data]  # a scalar tensor (shape []) may be sent as a bare number
     if not isinstance(data, list):
         raise BadRequest(f"{field}.data must be a (flat or nested) list in JSON, got {_kind(data)}")
     try:
