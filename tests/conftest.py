@@ -52,7 +52,11 @@ def infer_msgpack(
     url: str, model: str, payload: dict[str, Any], timeout_s: float = 30.0
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
     status, headers, body = request(
-        url, "POST", f"/v1/models/{model}/infer", msgpack.packb(payload), "application/msgpack",
+        url,
+        "POST",
+        f"/v1/models/{model}/infer",
+        msgpack.packb(payload),
+        "application/msgpack",
         timeout_s=timeout_s,
     )
     return status, headers, msgpack.unpackb(body)
@@ -62,7 +66,10 @@ def infer_json(
     url: str, model: str, payload: dict[str, Any]
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
     status, headers, body = request(
-        url, "POST", f"/v1/models/{model}/infer", json.dumps(payload).encode(),
+        url,
+        "POST",
+        f"/v1/models/{model}/infer",
+        json.dumps(payload).encode(),
         "application/json",
     )
     return status, headers, json.loads(body)

@@ -56,8 +56,6 @@ def save_script(module: torch.nn.Module, path: Path) -> Path:
 def save_export(path: Path) -> Path:
     """A .pt2 of Affine over float32[16] with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(
-        Affine(), (torch.zeros(2, 16),), dynamic_shapes={"x": {0: batch}}
-    )
+    program = torch.export.export(Affine(), (torch.zeros(2, 16),), dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, str(path))
     return path

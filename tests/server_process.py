@@ -40,7 +40,9 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
-            raise AssertionError(f"server did not stop within {timeout_s} s:\n{self.log()}")
+            raise AssertionError(
+                f"server did not stop within {timeout_s} s:\n{self.log()}"
+            ) from None
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -57,15 +59,16 @@ def start_server(
     timeout_s: float = 120.0,
 ) -> ServerProcess:
     """`microbatch serve --port 0 ARGS...`; returns once /readyz answers 200 (or on exit)."""
-    log_file = tempfile.NamedTemporaryFile(prefix="microbatch-", suffix=".log", delete=False)
+    fd, log_name = tempfile.mkstemp(prefix="microbatch-", suffix=".log")
     argv = [sys.executable, "-m", "server.cli", "serve"]
     if "--uds" not in args and "--port" not in args:
         argv += ["--port", "0"]
     full_env = {**os.environ, **(env or {})}
-    process = subprocess.Popen(
-        [*argv, *args], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=full_env
-    )
-    server = ServerProcess(process, Path(log_file.name))
+    with open(fd, "wb", closefd=True) as log_file:
+        process = subprocess.Popen(
+            [*argv, *args], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=full_env
+        )
+    server = ServerProcess(process, Path(log_name))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -18,16 +18,22 @@ from server.metrics import Metrics
 from tests.fakes import FakeClock, FakeExecutor
 
 
-def make_queue(
-    executor: FakeExecutor, clock: FakeClock, **settings: float
-) -> BatchQueue:
-    cfg = BatchingConfig(**{"max_batch_size": 8, "max_delay_ms": 5.0, "max_queue_size": 64,
-                            "timeout_ms": 1000.0, **settings})  # type: ignore[arg-type]
+def make_queue(executor: FakeExecutor, clock: FakeClock, **settings: float) -> BatchQueue:
+    cfg = BatchingConfig(
+        **{
+            "max_batch_size": 8,
+            "max_delay_ms": 5.0,
+            "max_queue_size": 64,
+            "timeout_ms": 1000.0,
+            **settings,
+        }
+    )  # type: ignore[arg-type]
     return BatchQueue("m", cfg, executor, clock, asyncio.get_running_loop(), Metrics())
 
 
-def make_request(clock: FakeClock, rows: int, start: float = 0.0, timeout_s: float = 1.0,
-                 single: bool = False) -> PendingRequest:
+def make_request(
+    clock: FakeClock, rows: int, start: float = 0.0, timeout_s: float = 1.0, single: bool = False
+) -> PendingRequest:
     x = (start + np.arange(rows, dtype=np.float32)).reshape(rows, 1)
     future: asyncio.Future[RequestResult] = asyncio.get_running_loop().create_future()
     return PendingRequest({"input": x}, rows, single, clock.now(), clock.now() + timeout_s, future)

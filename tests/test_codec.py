@@ -118,7 +118,7 @@ def test_bad_json_is_a_bad_request() -> None:
     with pytest.raises(BadRequest, match="not valid json"):
         decode_request(b"{nope", JSON, LIMITS)
     ragged = {"inputs": {"x": {"dtype": "float32", "shape": [2, 2], "data": [[1, 2], [3]]}}}
-    with pytest.raises(BadRequest, match="inputs.x.data"):
+    with pytest.raises(BadRequest, match=r"inputs\.x\.data"):
         decode_request(json.dumps(ragged).encode(), JSON, LIMITS)
 
 

@@ -26,15 +26,23 @@ def test_several_inputs_need_their_names_and_equal_sample_counts() -> None:
     with pytest.raises(BadRequest, match=r"missing \['b'\]"):
         match_inputs("m", TWO, {"a": np.zeros(2, np.float32)}, 8)
     with pytest.raises(BadRequest, match="same number of samples"):
-        match_inputs("m", TWO, {"a": np.zeros((2, 2), np.float32),
-                                "b": np.zeros((3, 3), np.int64)}, 8)
+        match_inputs(
+            "m", TWO, {"a": np.zeros((2, 2), np.float32), "b": np.zeros((3, 3), np.int64)}, 8
+        )
 
 
 @pytest.mark.parametrize(
     ("src", "dst", "ok"),
-    [("float64", "float32", True), ("int64", "float32", True), ("bool", "float32", True),
-     ("int32", "int64", True), ("float32", "int64", False), ("int64", "int32", False),
-     ("float32", "bool", False), ("uint8", "float16", True)],
+    [
+        ("float64", "float32", True),
+        ("int64", "float32", True),
+        ("bool", "float32", True),
+        ("int32", "int64", True),
+        ("float32", "int64", False),
+        ("int64", "int32", False),
+        ("float32", "bool", False),
+        ("uint8", "float16", True),
+    ],
 )
 def test_cast_rules(src: str, dst: str, ok: bool) -> None:
     assert castable(np.dtype(src), np.dtype(dst)) is ok
@@ -42,7 +50,7 @@ def test_cast_rules(src: str, dst: str, ok: bool) -> None:
 
 def test_refused_cast_names_the_input_and_both_dtypes() -> None:
     spec = (TensorSpec("ids", "int64", (2,)),)
-    with pytest.raises(BadRequest, match="inputs.ids has dtype float32; model 'm' expects int64"):
+    with pytest.raises(BadRequest, match=r"inputs\.ids has dtype float32; model 'm' expects int64"):
         match_inputs("m", spec, {"ids": np.zeros(2, np.float32)}, 8)
 
 

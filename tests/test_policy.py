@@ -10,8 +10,13 @@ from server.batching.policy import QueueSnapshot, decide
 
 def snap(**kw: object) -> QueueSnapshot:
     base: dict[str, object] = dict(
-        now=10.0, queued_samples=3, oldest_arrival_at=10.0, free_slots=1, max_batch_size=8,
-        max_delay_s=0.005, hold_for_fill=False,
+        now=10.0,
+        queued_samples=3,
+        oldest_arrival_at=10.0,
+        free_slots=1,
+        max_batch_size=8,
+        max_delay_s=0.005,
+        hold_for_fill=False,
     )
     base.update(kw)
     return QueueSnapshot(**base)  # type: ignore[arg-type]
@@ -41,14 +46,28 @@ def test_holding_for_fill_waits_until_oldest_plus_max_delay() -> None:
 
 
 @given(
-    now=st.floats(0, 100), age=st.floats(0, 1), queued=st.integers(1, 100),
-    slots=st.integers(0, 4), cap=st.integers(1, 64), delay=st.floats(0, 0.1), hold=st.booleans(),
+    now=st.floats(0, 100),
+    age=st.floats(0, 1),
+    queued=st.integers(1, 100),
+    slots=st.integers(0, 4),
+    cap=st.integers(1, 64),
+    delay=st.floats(0, 0.1),
+    hold=st.booleans(),
 )
 def test_never_holds_past_the_deadline_with_a_free_slot(
     now: float, age: float, queued: int, slots: int, cap: int, delay: float, hold: bool
 ) -> None:
-    d = decide(snap(now=now, oldest_arrival_at=now - age, queued_samples=queued, free_slots=slots,
-                    max_batch_size=cap, max_delay_s=delay, hold_for_fill=hold))
+    d = decide(
+        snap(
+            now=now,
+            oldest_arrival_at=now - age,
+            queued_samples=queued,
+            free_slots=slots,
+            max_batch_size=cap,
+            max_delay_s=delay,
+            hold_for_fill=hold,
+        )
+    )
     if slots == 0:
         assert not d.release
     elif age >= delay or queued >= cap or not hold:

@@ -49,29 +49,38 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     neg = model_files.save_script(model_files.RaisesOnNegative(), d / "neg.pt")
     slow = model_files.save_script(model_files.Slow(60), d / "slow.pt")
     with start_server(
-        "--model", f"neg={neg}:float32[2]", "--model", f"slow={slow}:float32[4]",
-        "--max-batch-size", "4", "--max-queue-size", "8",
+        "--model",
+        f"neg={neg}:float32[2]",
+        "--model",
+        f"slow={slow}:float32[4]",
+        "--max-batch-size",
+        "4",
+        "--max-queue-size",
+        "8",
     ) as server:
         yield server
 
 
 def test_model_that_raises_gives_model_error_and_the_server_stays_up(faulty: ServerProcess) -> None:
-    status, _, body = infer_msgpack(faulty.url, "neg", {"inputs": {"x": tensor(
-        np.array([-1.0, 0.0], np.float32))}})
+    status, _, body = infer_msgpack(
+        faulty.url, "neg", {"inputs": {"x": tensor(np.array([-1.0, 0.0], np.float32))}}
+    )
     assert status == 500
     assert body["error"]["code"] == "model_error"
     assert "negative input rejected" in body["error"]["message"]
-    status, _, body = infer_msgpack(faulty.url, "neg", {"inputs": {"x": tensor(
-        np.array([1.0, 0.0], np.float32))}})
+    status, _, body = infer_msgpack(
+        faulty.url, "neg", {"inputs": {"x": tensor(np.array([1.0, 0.0], np.float32))}}
+    )
     assert status == 200 and output_array(body).tolist() == [2.0, 0.0]
     assert request(faulty.url, "GET", "/readyz")[0] == 200
 
 
-async def _send(session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray,
-                **extra: object) -> tuple[int, dict[str, str], dict[str, object]]:
+async def _send(
+    session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray, **extra: object
+) -> tuple[int, dict[str, str], dict[str, object]]:
     async with session.post(
-        f"{url}/v1/models/{model}/infer", data=msgpack.packb({"inputs": {"x": tensor(x)},
-                                                              **extra}),
+        f"{url}/v1/models/{model}/infer",
+        data=msgpack.packb({"inputs": {"x": tensor(x)}, **extra}),
         headers={"Content-Type": "application/msgpack"},
     ) as r:
         return r.status, dict(r.headers), msgpack.unpackb(await r.read())
@@ -83,8 +92,9 @@ async def test_expired_deadline_gets_504_and_is_not_computed(faulty: ServerProce
         # Two full batches occupy both slots of the single worker for a while.
         busy = [asyncio.ensure_future(_send(session, faulty.url, "slow", x)) for _ in range(2)]
         await asyncio.to_thread(wait_for, lambda: metric(faulty, "microbatch_busy_workers") >= 1)
-        dropped_before = metric(faulty, 'microbatch_dropped_requests_total{model="slow",'
-                                        'reason="deadline"}')
+        dropped_before = metric(
+            faulty, 'microbatch_dropped_requests_total{model="slow",reason="deadline"}'
+        )
         status, _, body = await _send(session, faulty.url, "slow", x[:1], timeout_ms=5)
         results = await asyncio.gather(*busy)
     assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
@@ -130,9 +140,12 @@ def test_sigterm_drains_admitted_requests_and_exits_zero(tmp_path: Path) -> None
 
     async def scenario() -> list[int]:
         async with aiohttp.ClientSession() as session:
-            sends = [asyncio.ensure_future(_send(session, server.url, "slow",
-                                                 np.zeros((2, 4), np.float32)))
-                     for _ in range(6)]
+            sends = [
+                asyncio.ensure_future(
+                    _send(session, server.url, "slow", np.zeros((2, 4), np.float32))
+                )
+                for _ in range(6)
+            ]
             await asyncio.to_thread(wait_for, lambda: metric(server, "microbatch_busy_workers"))
             server.process.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*sends, return_exceptions=True)
@@ -155,7 +168,10 @@ def test_model_that_fails_to_load_stops_start_up_naming_it(tmp_path: Path) -> No
 def test_bad_flag_value_stops_start_up_naming_the_setting() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--max-batch-size", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "max-batch-size" in result.stderr or "max_batch_size" in result.stderr

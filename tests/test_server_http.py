@@ -58,8 +58,9 @@ def test_safe_cast_float64_to_float32_is_accepted(default_server: ServerProcess)
     np.testing.assert_allclose(output_array(body), reference_forward("linear", x), rtol=RTOL)
 
 
-def bad(url: str, model: str, raw: bytes, ctype: str = "application/msgpack",
-        method: str = "POST") -> tuple[int, dict[str, str], dict[str, object]]:
+def bad(
+    url: str, model: str, raw: bytes, ctype: str = "application/msgpack", method: str = "POST"
+) -> tuple[int, dict[str, str], dict[str, object]]:
     status, headers, body = request(url, method, f"/v1/models/{model}/infer", raw, ctype)
     decoded = msgpack.unpackb(body) if "msgpack" in headers["Content-Type"] else json.loads(body)
     return status, headers, decoded
@@ -74,29 +75,76 @@ MALFORMED = [
     ("bad msgpack", "linear", b"\xc1\xc1", 400, "bad_request", "not valid msgpack"),
     ("not a map", "linear", msgpack.packb([1]), 400, "bad_request", "must be a map"),
     ("missing inputs", "linear", msgpack.packb({"id": "x"}), 400, "bad_request", "'inputs'"),
-    ("unknown dtype", "linear", packed({"x": {"dtype": "float8", "shape": [10], "data": b""}}),
-     400, "bad_request", "dtype"),
-    ("data length", "linear", packed({"x": {"dtype": "float32", "shape": [10], "data": b"ab"}}),
-     400, "bad_request", "has 2 bytes"),
-    ("negative dim", "linear", packed({"x": {"dtype": "float32", "shape": [-3], "data": b""}}),
-     400, "bad_request", "non-negative"),
-    ("huge dims", "linear",
-     packed({"x": {"dtype": "float32", "shape": [10**9, 10**9], "data": b""}}),
-     413, "payload_too_large", "tensor elements"),
-    ("wrong sample shape", "linear", packed({"x": tensor(np.zeros(7, np.float32))}),
-     400, "bad_request", "expects one sample of shape [10]"),
-    ("too many samples", "linear", packed({"x": tensor(np.zeros((33, 10), np.float32))}),
-     400, "bad_request", "at most 32"),
-    ("bool cast accepted", "linear", packed({"x": tensor(np.zeros(10, np.complex64).view(
-        np.float32)[:10].astype(bool))}), 200, "", ""),
+    (
+        "unknown dtype",
+        "linear",
+        packed({"x": {"dtype": "float8", "shape": [10], "data": b""}}),
+        400,
+        "bad_request",
+        "dtype",
+    ),
+    (
+        "data length",
+        "linear",
+        packed({"x": {"dtype": "float32", "shape": [10], "data": b"ab"}}),
+        400,
+        "bad_request",
+        "has 2 bytes",
+    ),
+    (
+        "negative dim",
+        "linear",
+        packed({"x": {"dtype": "float32", "shape": [-3], "data": b""}}),
+        400,
+        "bad_request",
+        "non-negative",
+    ),
+    (
+        "huge dims",
+        "linear",
+        packed({"x": {"dtype": "float32", "shape": [10**9, 10**9], "data": b""}}),
+        413,
+        "payload_too_large",
+        "tensor elements",
+    ),
+    (
+        "wrong sample shape",
+        "linear",
+        packed({"x": tensor(np.zeros(7, np.float32))}),
+        400,
+        "bad_request",
+        "expects one sample of shape [10]",
+    ),
+    (
+        "too many samples",
+        "linear",
+        packed({"x": tensor(np.zeros((33, 10), np.float32))}),
+        400,
+        "bad_request",
+        "at most 32",
+    ),
+    (
+        "bool cast accepted",
+        "linear",
+        packed({"x": tensor(np.zeros(10, np.complex64).view(np.float32)[:10].astype(bool))}),
+        200,
+        "",
+        "",
+    ),
     ("unknown model", "nope", packed({"x": tensor(f32)}), 404, "unknown_model", "'nope'"),
 ]
 
 
-@pytest.mark.parametrize(("case", "model", "raw", "status", "code", "fragment"), MALFORMED,
-                         ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize(
+    ("case", "model", "raw", "status", "code", "fragment"), MALFORMED, ids=[m[0] for m in MALFORMED]
+)
 def test_malformed_requests_get_their_status_and_code(
-    default_server: ServerProcess, case: str, model: str, raw: bytes, status: int, code: str,
+    default_server: ServerProcess,
+    case: str,
+    model: str,
+    raw: bytes,
+    status: int,
+    code: str,
     fragment: str,
 ) -> None:
     got, _, body = bad(default_server.url, model, raw)
@@ -160,10 +208,12 @@ def test_health_ready_and_metrics(default_server: ServerProcess) -> None:
         assert name in metrics
 
 
-async def _post(session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray
-                ) -> tuple[int, dict[str, object]]:
+async def _post(
+    session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray
+) -> tuple[int, dict[str, object]]:
     async with session.post(
-        f"{url}/v1/models/{model}/infer", data=msgpack.packb({"inputs": {"x": tensor(x)}}),
+        f"{url}/v1/models/{model}/infer",
+        data=msgpack.packb({"inputs": {"x": tensor(x)}}),
         headers={"Content-Type": "application/msgpack"},
     ) as response:
         return response.status, msgpack.unpackb(await response.read())
@@ -173,8 +223,9 @@ async def test_thousands_of_concurrent_requests_each_get_their_own_answer(
     default_server: ServerProcess,
 ) -> None:
     rng = np.random.default_rng(7)
-    inputs = [rng.standard_normal((int(rng.integers(1, 6)), 10)).astype(np.float32)
-              for _ in range(3000)]
+    inputs = [
+        rng.standard_normal((int(rng.integers(1, 6)), 10)).astype(np.float32) for _ in range(3000)
+    ]
     connector = aiohttp.TCPConnector(limit=128)
     async with aiohttp.ClientSession(connector=connector) as session:
         results = await asyncio.gather(
@@ -183,8 +234,9 @@ async def test_thousands_of_concurrent_requests_each_get_their_own_answer(
     batch_sizes = []
     for x, (status, body) in zip(inputs, results, strict=True):
         assert status == 200, body
-        np.testing.assert_allclose(output_array(body), reference_forward("linear", x),
-                                   rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            output_array(body), reference_forward("linear", x), rtol=RTOL, atol=ATOL
+        )
         batch_sizes.append(body["batch_size"])
     assert max(batch_sizes) > 1  # they really were batched together
 
@@ -197,8 +249,11 @@ async def test_malformed_requests_do_not_harm_concurrent_good_ones(
     async with aiohttp.ClientSession() as session:
 
         async def send_bad(raw: bytes) -> int:
-            async with session.post(f"{default_server.url}/v1/models/linear/infer", data=raw,
-                                    headers={"Content-Type": "application/msgpack"}) as r:
+            async with session.post(
+                f"{default_server.url}/v1/models/linear/infer",
+                data=raw,
+                headers={"Content-Type": "application/msgpack"},
+            ) as r:
                 await r.read()
                 return r.status
 
@@ -209,6 +264,7 @@ async def test_malformed_requests_do_not_harm_concurrent_good_ones(
         )
     for x, (status, body) in zip(good, results[: len(good)], strict=True):
         assert status == 200, body
-        np.testing.assert_allclose(output_array(body), reference_forward("linear", x),
-                                   rtol=RTOL, atol=ATOL)
-    assert all(400 <= s < 500 for s in results[len(good):])
+        np.testing.assert_allclose(
+            output_array(body), reference_forward("linear", x), rtol=RTOL, atol=ATOL
+        )
+    assert all(400 <= s < 500 for s in results[len(good) :])

@@ -28,9 +28,12 @@ def user_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     two = model_files.save_script(model_files.TwoInOut(), d / "two.pt")
     exported = model_files.save_export(d / "affine.pt2")
     with start_server(
-        "--model", f"ts={affine}:float32[16]",
-        "--model", f"two={two}:a=float32[1];b=int64[3]",
-        "--model", f"ep={exported}",
+        "--model",
+        f"ts={affine}:float32[16]",
+        "--model",
+        f"two={two}:a=float32[1];b=int64[3]",
+        "--model",
+        f"ep={exported}",
     ) as server:
         yield server
 
@@ -44,8 +47,9 @@ def test_torchscript_and_export_models_answer(user_models: ServerProcess, model:
 
 
 def test_export_input_spec_is_read_from_the_program(user_models: ServerProcess) -> None:
-    models = {m["name"]: m for m in json.loads(request(user_models.url, "GET", "/v1/models")[2])
-              ["models"]}
+    models = {
+        m["name"]: m for m in json.loads(request(user_models.url, "GET", "/v1/models")[2])["models"]
+    }
     assert models["ep"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [16]}]
     assert models["ep"]["format"] == "export"
 
@@ -77,8 +81,9 @@ async def test_batches_fill_under_concurrency(small_batches: ServerProcess) -> N
 
     async def client(session: aiohttp.ClientSession) -> None:
         for _ in range(40):
-            async with session.post(url, data=body,
-                                    headers={"Content-Type": "application/msgpack"}) as r:
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/msgpack"}
+            ) as r:
                 assert r.status == 200
                 sizes.append(msgpack.unpackb(await r.read())["batch_size"])
 
@@ -86,13 +91,14 @@ async def test_batches_fill_under_concurrency(small_batches: ServerProcess) -> N
         await asyncio.gather(*(client(session) for _ in range(32)))
     # Per-request sizes over-weight big batches; use the server's own per-batch counts.
     text = request(small_batches.url, "GET", "/metrics")[2].decode()
-    total = float(next(l for l in text.splitlines()
-                       if l.startswith("microbatch_batch_size_sum{") and 'model="mlp"' in l)
-                  .split()[-1])
-    count = float(next(l for l in text.splitlines()
-                       if l.startswith("microbatch_batch_size_count{") and 'model="mlp"' in l)
-                  .split()[-1])
+    total = _sample(text, "microbatch_batch_size_sum{", 'model="mlp"')
+    count = _sample(text, "microbatch_batch_size_count{", 'model="mlp"')
     assert total / count >= 4, f"mean batch size {total / count:.2f} of max 8"
+
+
+def _sample(text: str, prefix: str, label: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(prefix) and label in x)
+    return float(line.split()[-1])
 
 
 def test_lone_sequential_client_does_not_pay_max_delay(small_batches: ServerProcess) -> None:
@@ -125,8 +131,12 @@ def test_unix_socket(tmp_path: Path) -> None:
         assert oct(Path(path).stat().st_mode & 0o777) == oct(0o600)
         conn = _UnixHTTPConnection(path)
         x = np.ones((2, 10), np.float32)
-        conn.request("POST", "/v1/models/linear/infer", msgpack.packb({"inputs": {"x": tensor(x)}}),
-                     {"Content-Type": "application/msgpack"})
+        conn.request(
+            "POST",
+            "/v1/models/linear/infer",
+            msgpack.packb({"inputs": {"x": tensor(x)}}),
+            {"Content-Type": "application/msgpack"},
+        )
         response = conn.getresponse()
         body = msgpack.unpackb(response.read())
         assert response.status == 200 and output_array(body).shape == (2, 1)
