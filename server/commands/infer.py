@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from server.commands import remote
 from server.config import Flags, load_config
 
 
@@ -27,10 +28,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where to run; gpu falls back to the CPU with a warning where there is none",
     )
     p.add_argument("--config", help="TOML config that names the model, for user models")
+    remote.add_url_flags(p, default=None)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.url:
+        return remote.run_infer(args)
     from server.infer_local import run_infer
 
     config = load_config(args.config, os.environ, Flags())

@@ -1,0 +1,120 @@
+"""HTTP exchanges over one pooled aiohttp client session: TCP (http://host:port) or a Unix
+socket (unix:///path/to.sock); keep-alive connections are reused across calls.
+
+Runs on the event loop that first uses it (the session is made there, lazily). aiohttp is
+imported on first use (it costs more than the rest of the client to import) and only its client
+parts, never aiohttp.web. aiohttp's exceptions end here, as TransportError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from client.errors import ConnectError, Timeout, TransportError
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where requests go: the base URL, and the socket path when the server is on a Unix socket."""
+
+    base_url: str
+    socket_path: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Address:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "unix":
+            path = urllib.parse.unquote(parts.netloc + parts.path)
+            if not path:
+                raise ValueError(f"a unix URL needs a socket path (unix:///path/to.sock): {url!r}")
+            return cls("http://localhost", path)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return cls(url.rstrip("/"))
+        raise ValueError(f"URL must be http://host:port or unix:///path/to.sock, got {url!r}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    retry_after: str | None
+
+
+class Transport:
+    """A lazily made aiohttp session; `request` returns any HTTP status as a Reply."""
+
+    def __init__(self, address: Address, max_connections: int) -> None:
+        self.address = address
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if self._session is None:  # made here, on the running loop, which it then belongs to
+            connector: aiohttp.BaseConnector
+            if self.address.socket_path is not None:
+                connector = aiohttp.UnixConnector(
+                    self.address.socket_path, limit=self._max_connections
+                )
+            else:
+                connector = aiohttp.TCPConnector(limit=self._max_connections)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str],
+        timeout_s: float,
+    ) -> Reply:
+        import aiohttp
+
+        session = self._session_now()
+        where = self.address.socket_path or self.address.base_url
+        try:
+            async with session.request(
+                method,
+                self.address.base_url + path,
+                data=body,
+                headers=dict(headers),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                data = await response.read()
+                return Reply(
+                    response.status,
+                    response.headers.get("Content-Type", ""),
+                    data,
+                    response.headers.get("Retry-After"),
+                )
+        except asyncio.TimeoutError:
+            raise Timeout(
+                f"{method} {path}: no answer from {where} within {timeout_s:.3g} s"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise TransportError(f"{method} {path}: TLS failure with {where}: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            # Raised while connecting, so the request was never sent: a retry cannot repeat it.
+            raise ConnectError(f"{method} {path}: cannot connect to {where}: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
