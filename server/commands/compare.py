@@ -1,0 +1,184 @@
+"""`microbatch compare`: time a model on every available device over a range of batch sizes and
+say which wins where, with the crossover batch size; optionally a plot and a JSON report.
+
+Main process (the CLI); imports torch, and matplotlib for --plot, only when it runs. The CPU
+is timed in this process with torch's threads; a GPU through the server's own CUDA instance
+(pinned staging, copy and compute streams), host arrays in to host arrays out, synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.config import ConfigError, Flags, ModelConfig, load_config
+from server.routing.comparison import Measurement, format_table, parse_sizes, summarize, to_json
+
+DEFAULT_SIZES = "1,2,4,...,1024"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="time a model on the CPU and each GPU over batch sizes; find the crossover",
+        description="Measure a model's batch latency and throughput on the CPU and, where there "
+        "is one, the GPU, over a range of batch sizes (warm-up, repeats, median and p25-p75), "
+        "and print which device wins at each size and where the GPU starts to win.",
+    )
+    p.add_argument("--model", default="mlp", help="model name (default mlp)")
+    p.add_argument("--config", help="TOML config that names the model, for user models")
+    p.add_argument("--input", help=".npy file whose samples fill the batches (default random)")
+    p.add_argument(
+        "--batch-sizes",
+        default=DEFAULT_SIZES,
+        help=f"sizes to time; `...` continues a doubling run (default {DEFAULT_SIZES})",
+    )
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per size (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per size (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: as many as one of the server's CPU workers uses)",
+    )
+    p.add_argument("--plot", metavar="PNG", help="write latency and throughput plots here")
+    p.add_argument("--json", metavar="FILE", help="write the measurements as JSON here")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    config = load_config(args.config, os.environ, Flags())
+    try:
+        cfg = config.model(args.model)
+        sizes = parse_sizes(args.batch_sizes)
+    except KeyError:
+        names = ", ".join(m.name for m in config.models)
+        raise ConfigError(f"--model {args.model!r} is not configured; known: {names}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: {exc}") from None
+    if args.repeats < 1 or args.warmup < 0:
+        raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or config.workers.resolved_threads(cores))
+    source = np.load(args.input, allow_pickle=False) if args.input else None
+    measurements, context = _measure_all(cfg, sizes, source, args)
+    summary = summarize(measurements)
+    gpu = context["gpu"] or "none found"
+    threads = context["cpu_threads"]
+    plural = "s" if threads != 1 else ""
+    out(f"model {cfg.name}: CPU with {threads} torch thread{plural}; GPU: {gpu}")
+    for line in format_table(summary):
+        out(line)
+    if summary.crossover is not None:
+        out(f"crossover: batch size {summary.crossover}")
+    out(f"recommendation: {summary.recommendation}")
+    report = to_json(summary, context)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        out(f"wrote {args.json}")
+    if args.plot:
+        _plot(report, args.plot, out)
+    return 0
+
+
+def _measure_all(
+    cfg: ModelConfig, sizes: list[int], source: np.ndarray | None, args: argparse.Namespace
+) -> tuple[list[Measurement], dict[str, Any]]:
+    import torch
+
+    from server.models.loading import load_model
+    from server.routing.profiling import time_sizes_blocking
+
+    model = load_model(cfg)
+    batches = {n: _batch(model.inputs, n, source) for n in sizes}
+    timing = {"warmup": args.warmup, "repeats": args.repeats, "budget_s": 600.0}
+
+    def on_cpu(n: int) -> None:
+        tensors = [torch.from_numpy(a) for a in batches[n]]
+        with torch.inference_mode():
+            model.run(tensors)
+
+    measurements = _as_measurements("cpu", time_sizes_blocking(on_cpu, sizes, **timing))
+    context: dict[str, Any] = {
+        "model": cfg.name,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        from server.executors.cuda_instance import CudaInstance, DeviceCap
+
+        device = torch.device("cuda", 0)
+        context["gpu"] = torch.cuda.get_device_name(device)
+        biggest = max(sizes)
+        instance = CudaInstance(
+            load_model(cfg), device, cfg.placement, biggest, DeviceCap(biggest), slots=1
+        )
+        gpu_timings = time_sizes_blocking(
+            lambda n: instance.run_blocking(batches[n]), sizes, **timing
+        )
+        measurements += _as_measurements("cuda:0", gpu_timings)
+    return measurements, context
+
+
+def _as_measurements(device: str, timings: list[Any]) -> list[Measurement]:
+    return [Measurement(device, t.samples, t.median_s, t.p25_s, t.p75_s, t.runs) for t in timings]
+
+
+def _batch(specs: Any, n: int, source: np.ndarray | None) -> list[np.ndarray]:
+    """n samples per input: the --input file's samples repeated, or seeded random ones."""
+    if source is not None:
+        if len(specs) != 1:
+            raise ConfigError("--input serves single-input models only")
+        spec = specs[0]
+        samples = source.reshape(-1, *spec.shape) if source.shape != spec.shape else source[None]
+        return [np.resize(samples, (n, *spec.shape)).astype(spec.np_dtype)]
+    rng = np.random.default_rng(0)
+    batch = []
+    for spec in specs:
+        if spec.np_dtype.kind == "f":
+            batch.append(rng.standard_normal((n, *spec.shape)).astype(spec.np_dtype))
+        else:
+            batch.append(np.zeros((n, *spec.shape), dtype=spec.np_dtype))
+    return batch
+
+
+def _plot(report: dict[str, Any], path: str, out: Callable[[str], None]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out("--plot needs matplotlib (pip install 'microbatch[plot]'); no plot written")
+        return
+    fig, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for device in report["devices"]:
+        rows = [r for r in report["rows"] if device in r]
+        x = [r["batch_size"] for r in rows]
+        med = np.array([r[device]["median_ms"] for r in rows])
+        low = med - np.array([r[device]["p25_ms"] for r in rows])
+        high = np.array([r[device]["p75_ms"] for r in rows]) - med
+        latency.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=device)
+        throughput.plot(x, [r[device]["samples_per_s"] for r in rows], marker="o", label=device)
+    for ax, label in ((latency, "batch latency, ms (median, p25-p75)"), (throughput, "samples/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if report["crossover_batch_size"]:
+            ax.axvline(report["crossover_batch_size"], linestyle="--", color="grey")
+        ax.legend()
+    fig.suptitle(f"{report['model']}: {report['recommendation']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out(f"wrote {path}")

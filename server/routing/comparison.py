@@ -1,0 +1,148 @@
+"""What `microbatch compare` concludes from its measurements: the winner per batch size, the
+crossover batch size and a one-line recommendation; and the table and JSON that show them.
+
+Pure: plain numbers in, plain data and text out; no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One device at one batch size: median and quartiles of the batch latency."""
+
+    device: str
+    samples: int
+    median_s: float
+    p25_s: float
+    p75_s: float
+    runs: int
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.median_s if self.median_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    samples: int
+    by_device: dict[str, Measurement]
+    winner: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    devices: list[str]
+    rows: list[Row]
+    crossover: int | None  # smallest measured size from which the GPU wins at every larger one
+    recommendation: str
+
+
+def summarize(measurements: Sequence[Measurement]) -> Summary:
+    devices = list(dict.fromkeys(m.device for m in measurements))
+    sizes = sorted({m.samples for m in measurements})
+    rows = []
+    for n in sizes:
+        by_device = {m.device: m for m in measurements if m.samples == n}
+        winner = min(by_device.values(), key=lambda m: (m.median_s, m.device != CPU)).device
+        rows.append(Row(n, by_device, winner))
+    gpus = [d for d in devices if d != CPU]
+    cross = _crossover(rows, gpus[0]) if gpus and CPU in devices else None
+    return Summary(devices, rows, cross, _recommend(rows, gpus, cross))
+
+
+def _crossover(rows: Sequence[Row], gpu: str) -> int | None:
+    both = [r for r in rows if gpu in r.by_device and CPU in r.by_device]
+    found = None
+    for row in reversed(both):
+        if row.by_device[gpu].median_s >= row.by_device[CPU].median_s:
+            break
+        found = row.samples
+    return found
+
+
+def _recommend(rows: Sequence[Row], gpus: Sequence[str], cross: int | None) -> str:
+    if not rows:
+        return "nothing was measured."
+    if not gpus:
+        return (
+            'no CUDA GPU found: every batch runs on the CPU pool; routing = "auto" needs no change.'
+        )
+    gpu, smallest, largest = gpus[0], rows[0].samples, rows[-1].samples
+    if cross is None:
+        return (
+            f"the CPU wins at every measured batch size up to {largest}: "
+            'routing = "cpu" suits this model (or keep "auto", which measures the same).'
+        )
+    if cross <= smallest:
+        return f'{gpu} wins at every measured batch size: routing = "cuda" or "auto" suits it.'
+    return (
+        f"batches of {cross} samples or more finish sooner on {gpu}, smaller ones on the CPU: "
+        'keep routing = "auto", which sends each batch where it finishes first.'
+    )
+
+
+def format_table(summary: Summary) -> list[str]:
+    """Per batch size: latency (median, and the p25-p75 spread) and throughput per device."""
+    head = f"{'batch':>6}"
+    for device in summary.devices:
+        head += f" | {device + ' ms':>10} {'p25-p75':>15} {'samples/s':>11}"
+    lines = [head + " | winner", "-" * (len(head) + 9)]
+    for row in summary.rows:
+        line = f"{row.samples:>6}"
+        for device in summary.devices:
+            m = row.by_device.get(device)
+            if m is None:
+                line += f" | {'-':>10} {'':>15} {'':>11}"
+                continue
+            spread = f"{m.p25_s * 1e3:.3f}-{m.p75_s * 1e3:.3f}"
+            line += f" | {m.median_s * 1e3:>10.3f} {spread:>15} {m.samples_per_s:>11.0f}"
+        lines.append(f"{line} | {row.winner}")
+    return lines
+
+
+def to_json(summary: Summary, context: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for row in summary.rows:
+        entry: dict[str, Any] = {"batch_size": row.samples, "winner": row.winner}
+        for device, m in row.by_device.items():
+            entry[device] = {
+                "median_ms": m.median_s * 1e3,
+                "p25_ms": m.p25_s * 1e3,
+                "p75_ms": m.p75_s * 1e3,
+                "runs": m.runs,
+                "samples_per_s": m.samples_per_s,
+            }
+        rows.append(entry)
+    return {
+        **context,
+        "devices": summary.devices,
+        "rows": rows,
+        "crossover_batch_size": summary.crossover,
+        "recommendation": summary.recommendation,
+    }
+
+
+def parse_sizes(text: str) -> list[int]:
+    """`1,2,4,...,1024` (a geometric run: the ratio of the two sizes before `...`) or a list."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    sizes: list[int] = []
+    for i, part in enumerate(parts):
+        if part != "...":
+            sizes.append(int(part))
+            continue
+        if len(sizes) < 2 or i + 1 >= len(parts) or sizes[-1] <= sizes[-2]:
+            raise ValueError("write `...` after two rising sizes and before the last one")
+        ratio = sizes[-1] / sizes[-2]
+        end = int(parts[i + 1])
+        while round(sizes[-1] * ratio) < end:
+            sizes.append(round(sizes[-1] * ratio))
+    if not sizes or min(sizes) < 1:
+        raise ValueError("batch sizes must be integers >= 1")
+    return sorted(set(sizes))

@@ -1,0 +1,262 @@
+"""Everything beside the CPU pool: the CUDA probe, one GPU executor per device, the calibrations
+(fresh or from the cache), the router over them all; and what /v1/models and /metrics show.
+
+Event loop (main process); hashing, cache files and the probe subprocess run in threads. No
+torch here. Without a GPU the queues get the CPU pool itself: nothing changes per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from server.config import Config, ModelConfig
+from server.executors.base import BatchFailed, Dispatcher
+from server.executors.cpu_pool import CpuPool
+from server.executors.cuda import (
+    OOM_MESSAGE,
+    CudaExecutor,
+    CudaStartError,
+    probe_cuda_blocking,
+)
+from server.executors.model_info import ModelInfo
+from server.metrics import Metrics
+from server.routing import calibration as cal
+from server.routing.cost import UNKNOWN_COST, check_points
+from server.routing.policy import crossover
+from server.routing.router import ReadClock, Router, Target
+
+log = logging.getLogger(__name__)
+CPU = "cpu"
+ExecutorFactory = Callable[[int, tuple[ModelConfig, ...]], CudaExecutor]
+
+
+class Devices:
+    def __init__(
+        self,
+        config: Config,
+        clock: ReadClock,
+        probe: Callable[[], list[str]] = probe_cuda_blocking,
+        executor: ExecutorFactory = CudaExecutor,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._probe = probe
+        self._make_executor = executor
+        self._cache_path = config.devices.resolved_calibration_cache()
+        self._cached: dict[str, cal.Points] = {}
+        self._idents: dict[str, cal.Identity] = {}
+        self._probing: asyncio.Task[list[str]] | None = None
+        self._cpu_id = ""
+        self._pool: CpuPool | None = None
+        self._infos: dict[str, ModelInfo] = {}
+        self.gpus: list[CudaExecutor] = []
+        self.router: Router | None = None
+
+    async def prepare(self, threads: int) -> dict[str, list[int]]:
+        """Starts the CUDA probe and reads the cache; returns what the CPU pool should time."""
+        if any(m.placement.routing != CPU for m in self._config.models):
+            self._probing = asyncio.create_task(asyncio.to_thread(self._probe))
+        self._cpu_id, self._idents, self._cached = await asyncio.to_thread(
+            self._read_blocking, threads
+        )
+        return {
+            m.name: cal.calibration_sizes(m.batching.max_batch_size)
+            for m in self._config.models
+            if self._stale(m, self._cpu_id)
+        }
+
+    def _read_blocking(
+        self, threads: int
+    ) -> tuple[str, dict[str, cal.Identity], dict[str, cal.Points]]:
+        idents = {m.name: cal.identify_blocking(m) for m in self._config.models}
+        return cal.cpu_device_id(threads), idents, cal.load_cache_blocking(self._cache_path)
+
+    def _key(self, cfg: ModelConfig, device_id: str) -> str:
+        return cal.cache_key(cfg, self._idents[cfg.name], device_id)
+
+    def _stale(self, cfg: ModelConfig, device_id: str) -> bool:
+        return self._config.devices.recalibrate or self._key(cfg, device_id) not in self._cached
+
+    async def start(self, pool: CpuPool, infos: Mapping[str, ModelInfo]) -> None:
+        """After the pool: GPU executors, then the router over everything that started."""
+        self._pool, self._infos = pool, dict(infos)
+        names = await self._probed()
+        wanted = tuple(
+            m for m in self._config.models if m.placement.routing != CPU and m.name in infos
+        )
+        if self._probing is not None and not names:
+            log.info("no CUDA GPU found; running CPU-only")
+        for index in range(len(names)) if wanted else ():
+            await self._start_gpu(index, wanted)
+        fresh: dict[str, cal.Points] = {}
+        costs = {
+            (name, CPU): self._points(name, self._cpu_id, pool.calibration, fresh) for name in infos
+        }
+        for gpu in self.gpus:
+            gpu_id = cal.cuda_device_id(gpu.gpu_name)
+            for name in gpu.specs:
+                costs[(name, gpu.device)] = self._points(name, gpu_id, gpu.calibration, fresh)
+        if fresh:
+            log.info("calibrated: %s", "; ".join(sorted(fresh)))
+        await asyncio.to_thread(cal.save_cache_blocking, self._cache_path, fresh)
+        self.router = Router(self._targets(pool), self._routes(), costs, self._clock, CPU)
+
+    async def _probed(self) -> list[str]:
+        if self._probing is None:
+            return []
+        try:
+            return await self._probing
+        except Exception:  # a boundary: a probe that breaks means no GPU, not no server
+            log.exception("the CUDA probe failed")
+            return []
+
+    async def _start_gpu(self, index: int, wanted: tuple[ModelConfig, ...]) -> None:
+        gpu = self._make_executor(index, wanted)
+        plan = {m.name: cal.calibration_sizes(m.batching.max_batch_size) for m in wanted}
+        try:
+            await gpu.start(self._config.workers.start_timeout_s, plan)
+        except (CudaStartError, asyncio.TimeoutError, OSError) as exc:
+            log.error("cuda:%d could not start (%s); it is left out", index, exc or "timed out")
+            await gpu.stop()
+            return
+        except Exception:  # a boundary: a GPU that fails to start must not stop the server
+            log.exception("cuda:%d could not start; it is left out", index)
+            await gpu.stop()
+            return
+        for name, specs in list(gpu.specs.items()):
+            info = self._infos[name]
+            if specs != (info.inputs, info.outputs):
+                log.error(
+                    "cuda:%d sees other tensors for model %r than the CPU; left out", index, name
+                )
+                del gpu.specs[name]
+        if not gpu.specs:
+            await gpu.stop()
+            return
+        self.gpus.append(gpu)
+
+    def _points(
+        self,
+        model: str,
+        device_id: str,
+        measured: Mapping[str, cal.Points],
+        fresh: dict[str, cal.Points],
+    ) -> cal.Points:
+        cfg = self._config.model(model)
+        key = self._key(cfg, device_id)
+        points = measured.get(model) or self._cached.get(key) or []
+        problems = check_points(points)
+        if problems:
+            log.warning("calibration of %r on %s: %s", model, device_id, "; ".join(problems))
+        if model in measured and not problems:
+            fresh[key] = points
+        return points
+
+    def _targets(self, pool: CpuPool) -> list[Target]:
+        targets = [
+            Target(
+                CPU,
+                pool,
+                lambda model: max(1, pool.live_workers()),
+                lambda model: self._infos[model].batching.max_batch_size,
+                lambda: pool.ready,
+            )
+        ]
+        targets += [Target(g.device, g, g.lanes, g.cap, g.alive, _out_of_memory) for g in self.gpus]
+        return targets
+
+    def _routes(self) -> dict[str, tuple[str, ...]]:
+        routes = {}
+        for cfg in self._config.models:
+            gpus = tuple(g.device for g in self.gpus if cfg.name in g.specs)
+            routing = cfg.placement.routing
+            if routing == "cuda" and not gpus:
+                log.warning("model %r has routing = 'cuda' but no GPU runs it: CPU", cfg.name)
+            if routing == "cuda" and gpus:
+                routes[cfg.name] = gpus
+            elif routing == "auto":
+                routes[cfg.name] = (CPU, *gpus)
+            else:
+                routes[cfg.name] = (CPU,)
+        return routes
+
+    def dispatcher_for(self, model: str) -> Dispatcher:
+        """The router where there is a choice to make, else the pool itself (no cost per batch)."""
+        if self.router is None or not self.gpus:
+            assert self._pool is not None
+            return self._pool
+        return self.router
+
+    async def stop(self) -> None:
+        if self._probing is not None and not self._probing.done():
+            self._probing.cancel()
+        for gpu in self.gpus:
+            await gpu.stop()
+
+    # What /v1/models and /metrics show -----------------------------------------------------
+    def devices_of(self, model: str) -> list[str]:
+        if self.router is None:
+            return [CPU]
+        return list(self.router.route(model))
+
+    def describe(self, model: str) -> dict[str, Any]:
+        """Plain data: devices, routing, the calibrated and current costs, the crossover."""
+        out: dict[str, Any] = {"devices": self.devices_of(model), "costs": {}}
+        if self.router is None:
+            return out
+        for (name, device), (calibrated, current, observed) in self.router.costs().items():
+            if name == model:
+                measured = calibrated is not UNKNOWN_COST
+                out["costs"][device] = {
+                    "calibrated_fixed_ms": calibrated.fixed_s * 1e3 if measured else None,
+                    "calibrated_per_sample_ms": calibrated.per_sample_s * 1e3 if measured else None,
+                    "fixed_ms": current.fixed_s * 1e3,
+                    "per_sample_ms": current.per_sample_s * 1e3,
+                    "observed_batches": observed,
+                }
+        out["crossover_batch_size"] = self.crossover(model)
+        return out
+
+    def crossover(self, model: str) -> int | None:
+        if self.router is None or not self.gpus or model not in self._infos:
+            return None
+        cpu = self.router.cost(model, CPU)
+        gpus = [self.router.cost(model, g.device) for g in self.gpus if model in g.specs]
+        best = min(gpus, key=lambda fit: fit.cost_s(1), default=None)
+        max_batch = self._infos[model].batching.max_batch_size
+        return crossover(cpu, best, max_batch) if best is not None else None
+
+    def register_gauges(self, metrics: Metrics) -> None:
+        def costs(term: int) -> dict[tuple[str, ...], float]:
+            if self.router is None:
+                return {}
+            return {
+                key: (fit.fixed_s, fit.per_sample_s)[term]
+                for key, (_, fit, _) in self.router.costs().items()
+            }
+
+        metrics.add_labelled_gauge(
+            "microbatch_cost_fixed_seconds",
+            "Expected fixed cost of one batch (calibrated, corrected online), by model and device.",
+            ("model", "device"),
+            lambda: costs(0),
+        )
+        metrics.add_labelled_gauge(
+            "microbatch_cost_per_sample_seconds",
+            "Expected cost per sample of a batch (calibrated, corrected online).",
+            ("model", "device"),
+            lambda: costs(1),
+        )
+        metrics.add_labelled_gauge(
+            "microbatch_batch_cap",
+            "Largest batch an executor runs in one go (lowered after a CUDA out-of-memory).",
+            ("model", "device"),
+            lambda: {(m, g.device): float(g.cap(m)) for g in self.gpus for m in g.specs},
+        )
+
+
+def _out_of_memory(failure: BatchFailed) -> bool:
+    return failure.message.startswith(OOM_MESSAGE)

@@ -1,0 +1,291 @@
+"""The CUDA executor and the GPU worker's serving loop, on any machine: the real CudaExecutor
+(event loop side) spawns a stand-in worker that speaks the real protocol and serves through the
+real `cuda_worker._serve_blocking` lanes, with fake model instances that compute `2 * x` on the
+CPU. Covers start-up, staging, slots per instance, results, the OOM failure, the cap report and
+a worker that dies. The device itself is tested in test_cuda.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from server.batching.pending import PendingRequest
+from server.clock import MonotonicClock
+from server.config import (
+    BatchingConfig,
+    Config,
+    DevicesConfig,
+    ModelConfig,
+    Placement,
+    ServerSettings,
+    WorkersConfig,
+)
+from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome
+from server.executors.cpu_pool import CpuPool
+from server.executors.cuda import OOM_MESSAGE, CudaExecutor, CudaSetup
+from server.metrics import Metrics
+from server.models.builtin import reference_forward
+from server.models.spec import TensorSpec
+from server.routing.devices import Devices
+from server.routing.router import Router
+
+SPEC = TensorSpec("input", "float32", (3,))
+OUT = TensorSpec("output", "float32", (3,))
+
+
+def _request(samples: int) -> PendingRequest:
+    return PendingRequest({}, samples, False, 0.0, 1.0, None)  # type: ignore[arg-type]
+
+
+@dataclass
+class FakeModel:
+    inputs: tuple[TensorSpec, ...] = (SPEC,)
+    outputs: tuple[TensorSpec, ...] = (OUT,)
+
+
+class FakePending:
+    def __init__(self, samples: int, outputs: list[Any], release: threading.Event) -> None:
+        self.samples, self.outputs, self._release = samples, outputs, release
+
+    def wait_blocking(self) -> float:
+        self._release.wait(30.0)
+        return 0.002
+
+
+class FakeInstance:
+    """2 * x on the CPU; a -1 anywhere is an OOM at one sample, a 999 kills the process, and a
+    7 lowers the cap to 4 (as a split would)."""
+
+    def __init__(self, cap: Any) -> None:
+        self.model, self.cap = FakeModel(), cap
+        self.release = threading.Event()
+        self.release.set()
+
+    def bind_thread(self) -> None:
+        pass
+
+    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
+        import torch
+
+        x = inputs[0][:samples]
+        if bool((x == 999).any()):
+            os._exit(9)
+        if bool((x == -1).any()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        if bool((x == 7).any()):
+            self.cap.lower(4)
+        return FakePending(samples, [x * 2], self.release)
+
+
+def fake_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
+    """The handshake of cuda_worker_main, with fake instances, then its real serving loop."""
+    from server.executors import cuda_worker
+    from server.executors.cuda_instance import DeviceCap
+
+    def send(message: list[Any]) -> None:
+        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+
+    instances = {}
+    for cfg in setup.models:
+        cap = DeviceCap(cfg.batching.max_batch_size)  # shared by the model's instances
+        instances[cfg.name] = [FakeInstance(cap) for _ in range(cfg.placement.cuda_instances)]
+    wire = [[n, [SPEC.to_wire()], [OUT.to_wire()]] for n in instances]
+    send(["loaded", "Fake GPU", wire])
+    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
+    segment = SharedMemory(name=segment_name)
+    first = {name: group[0] for name, group in instances.items()}
+    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
+    timings = {name: [[n, 0.001 + 1e-5 * n] for n in sizes] for name, sizes in plan.items()}
+    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, ["a note"]])
+    try:
+        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
+    finally:
+        segment.close()
+
+
+def models(instances: int = 2) -> tuple[ModelConfig, ...]:
+    batching = BatchingConfig(max_batch_size=8)
+    return (
+        ModelConfig(
+            "m", "builtin:mlp", "builtin", (), batching, Placement(cuda_instances=instances)
+        ),
+    )
+
+
+def batch_of(*rows: list[float]) -> Batch:
+    requests = [_request(1) for _ in rows]
+    for request, row in zip(requests, rows, strict=True):
+        request.inputs = {"input": np.array([row], np.float32)}
+    return Batch("m", requests, len(rows))
+
+
+def settle(done: asyncio.Future[BatchOutcome]) -> Callable[[Batch, BatchOutcome], None]:
+    return lambda batch, outcome: done.set_result(outcome)
+
+
+async def run(executor: CudaExecutor, batch: Batch) -> BatchOutcome:
+    done: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+    executor.dispatch(batch, lambda b, outcome: done.set_result(outcome))
+    return await asyncio.wait_for(done, 30.0)
+
+
+async def test_the_executor_runs_batches_through_the_worker_protocol(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    executor = CudaExecutor(0, models(), worker=fake_gpu_worker)
+    await executor.start(60.0, {"m": [1, 2, 4, 8]})
+    try:
+        assert (executor.gpu_name, executor.alive(), executor.lanes("m")) == ("Fake GPU", True, 2)
+        assert executor.specs["m"] == ((SPEC,), (OUT,))
+        assert executor.calibration["m"][0][1] == pytest.approx(0.00101)
+        assert executor.free_slots("m") == 4 and executor.free_slots("other") == 0
+        assert "cuda:0: a note" in caplog.text
+
+        outcome = await run(executor, batch_of([1, 2, 3], [4, 5, 6]))
+        assert isinstance(outcome, BatchDone) and outcome.device == "cuda:0"
+        assert outcome.outputs["output"].tolist() == [[2, 4, 6], [8, 10, 12]]
+        assert outcome.compute_s == pytest.approx(0.002)
+
+        outcomes = await asyncio.gather(*(run(executor, batch_of([i, i, i])) for i in range(4)))
+        assert [o.outputs["output"][0, 0] for o in outcomes] == [0, 2, 4, 6]  # type: ignore[union-attr]
+
+        failed = await run(executor, batch_of([1, -1, 1]))
+        assert isinstance(failed, BatchFailed) and failed.message.startswith(OOM_MESSAGE)
+
+        assert executor.cap("m") == 8
+        await run(executor, batch_of([7, 7, 7]))
+        assert executor.cap("m") == 4
+        assert "cuda:0 ran out of memory on model 'm'" in caplog.text
+        assert executor.free_slots("m") == 4 and executor.in_flight() == 0
+    finally:
+        await executor.stop()
+    assert not executor.alive()
+
+
+async def test_a_worker_that_dies_fails_its_batches_and_is_left_out() -> None:
+    executor = CudaExecutor(0, models(instances=1), worker=fake_gpu_worker)
+    await executor.start(60.0, {})
+    woken: list[bool] = []
+    executor.add_capacity_listener(lambda: woken.append(executor.alive()))
+    try:
+        outcome = await run(executor, batch_of([999, 0, 0]))
+        assert isinstance(outcome, BatchFailed) and "worker died" in outcome.message
+        assert not executor.alive() and executor.free_slots("m") == 0
+        assert woken == [False]
+        late = await run(executor, batch_of([1, 1, 1]))  # sent anyway: failed at once
+        assert isinstance(late, BatchFailed)
+    finally:
+        await executor.stop()
+
+
+async def test_a_worker_that_cannot_load_fails_the_start() -> None:
+    executor = CudaExecutor(0, models(), worker=failing_worker)
+    with pytest.raises(Exception, match="no CUDA device here"):
+        await executor.start(60.0, {})
+    await executor.stop()
+
+
+def failing_worker(conn: Connection, setup: CudaSetup) -> None:
+    conn.send_bytes(msgpack.packb(["load_failed", "cuda:0: no CUDA device here"]))
+
+
+class CpuStandIn:
+    """A "GPU" instance that runs the real model on the CPU, 1 microsecond per batch."""
+
+    def __init__(self, cfg: ModelConfig, cap: Any) -> None:
+        from server.models.loading import load_model
+
+        self.model, self.cap = load_model(cfg), cap
+
+    def bind_thread(self) -> None:
+        pass
+
+    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
+        import torch
+
+        with torch.inference_mode():
+            result = self.model.run([t[:samples] for t in inputs])
+        outputs = [result[spec.name].clone() for spec in self.model.outputs]
+        ready = threading.Event()
+        ready.set()
+        pending = FakePending(samples, outputs, ready)
+        pending.wait_blocking = lambda: 1e-6  # type: ignore[method-assign]
+        return pending
+
+
+def standin_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
+    from server.executors import cuda_worker
+    from server.executors.cuda_instance import DeviceCap
+
+    def send(message: list[Any]) -> None:
+        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+
+    instances = {
+        cfg.name: [CpuStandIn(cfg, DeviceCap(cfg.batching.max_batch_size))] for cfg in setup.models
+    }
+    first = {name: group[0] for name, group in instances.items()}
+    wire = [
+        [n, [s.to_wire() for s in i.model.inputs], [s.to_wire() for s in i.model.outputs]]
+        for n, i in first.items()
+    ]
+    send(["loaded", "Stand-in GPU", wire])
+    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
+    segment = SharedMemory(name=segment_name)
+    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
+    timings = {name: [[n, 1e-6] for n in sizes] for name, sizes in plan.items()}
+    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, []])
+    try:
+        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
+    finally:
+        segment.close()
+
+
+async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Path) -> None:
+    batching = BatchingConfig(max_batch_size=8)
+    auto = ModelConfig("a", "builtin:linear", "builtin", (), batching)
+    cpu_only = ModelConfig("c", "builtin:linear", "builtin", (), batching, Placement("cpu"))
+    config = Config(
+        ServerSettings(),
+        batching,
+        WorkersConfig(cpu_workers=1, threads_per_worker=1),
+        (auto, cpu_only),
+        DevicesConfig(calibration_cache=str(tmp_path / "cal.json")),
+    )
+
+    def stand_in(index: int, wanted: tuple[ModelConfig, ...]) -> CudaExecutor:
+        return CudaExecutor(index, wanted, worker=standin_gpu_worker)
+
+    devices = Devices(config, MonotonicClock(), lambda: ["Stand-in GPU"], stand_in)
+    pool = CpuPool(config.models, 1, 1, Metrics(), calibrate=await devices.prepare(1))
+    try:
+        infos = await pool.start(60.0)
+        await devices.start(pool, infos)
+        router = devices.dispatcher_for("a")
+        assert isinstance(router, Router)
+        assert devices.describe("a")["devices"] == ["cpu", "cuda:0"]
+        assert devices.describe("c")["devices"] == ["cpu"]
+        x = np.arange(30, dtype=np.float32).reshape(3, 10) / 10
+        for name, device in (("a", "cuda:0"), ("c", "cpu")):
+            batch = Batch(name, [_request(3)], 3)
+            batch.requests[0].inputs = {"input": x}
+            done: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+            router.dispatch(batch, settle(done))
+            outcome = await asyncio.wait_for(done, 30.0)
+            assert isinstance(outcome, BatchDone) and outcome.device == device
+            expected = reference_forward("linear", x)
+            np.testing.assert_allclose(outcome.outputs["output"], expected, rtol=1e-5, atol=1e-6)
+        assert router.costs()[("a", "cuda:0")][2] == 1  # the observed batch corrected the fit
+    finally:
+        await devices.stop()
+        await pool.stop()
