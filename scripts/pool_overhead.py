@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.batching.pending import PendingRequest, RequestResult
 from server.config import BatchingConfig, ModelConfig
-from server.executors.base import Batch, BatchOutcome
+from server.executors.base import Batch, BatchDone, BatchOutcome
 from server.executors.cpu_pool import CpuPool
 from server.metrics import Metrics
 from server.models.builtin import builtin_input_spec
+
+
+def _resolver(done: asyncio.Future[BatchOutcome]) -> Callable[[Batch, BatchOutcome], None]:
+    return lambda _batch, outcome: done.set_result(outcome)
 
 
 async def measure(model: str, sizes: list[int], batches: int) -> list[tuple[int, float, float]]:
@@ -42,12 +47,13 @@ async def measure(model: str, sizes: list[int], batches: int) -> list[tuple[int,
                 fut: asyncio.Future[RequestResult] = loop.create_future()
                 request = PendingRequest({"input": x}, n, False, 0.0, 1e18, fut)
                 started = time.perf_counter()
-                pool.dispatch(Batch(model, [request], n), lambda b, o, d=done: d.set_result(o))
+                pool.dispatch(Batch(model, [request], n), _resolver(done))
                 outcome = await done
                 elapsed = time.perf_counter() - started
                 if i >= 20:  # the first few warm the path
                     trips.append(elapsed)
-                    computes.append(outcome.compute_s)  # type: ignore[union-attr]
+                    assert isinstance(outcome, BatchDone), outcome
+                    computes.append(outcome.compute_s)
             rows.append((n, statistics.median(trips), statistics.median(computes)))
     finally:
         await pool.stop()

@@ -9,11 +9,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from server.commands import infer, serve
+from server.commands import bench, compare, infer, loadtest, remote, serve
 from server.config import ConfigError
 
 # Each module offers register(subparsers), which sets `run` on its parser.
-COMMANDS = (serve, infer)
+COMMANDS = (serve, infer, remote, loadtest, compare, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,11 +27,15 @@ else:  # pragma: no cover - Python 3.10
 BUILTIN_MODELS: tuple[str, ...] = ("linear", "mlp")
 FORMATS: tuple[str, ...] = ("builtin", "torchscript", "export")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+ROUTINGS: tuple[str, ...] = ("auto", "cpu", "cuda")
+HALF_PRECISIONS: tuple[str, ...] = ("off", "fp16", "bf16")
+ON_MODEL_FAILURE: tuple[str, ...] = ("exit", "serve_others")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SPEC_ITEM = re.compile(r"(?:([A-Za-z0-9_.-]+)=)?(\w+)\[([^\]]*)\]")
 _DTYPES = ", ".join(SUPPORTED_DTYPES)
 _SECRET_WORDS = ("token", "secret", "password")
 _Values = Mapping[str, Any]  # checked settings, ready for a dataclass constructor
+_Tables = Mapping[str, _Values]  # table name -> its checked settings
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -63,6 +67,12 @@ class ServerSettings:
     access_log: bool = False
     drain_timeout_s: float = 30.0
     log_level: str = "info"
+    max_msgpack_depth: int = 16  # containers within containers in a msgpack body
+    max_msgpack_items: int = 1024  # entries of one msgpack array or map
+    max_msgpack_str_bytes: int = 4096  # bytes of one msgpack string
+    on_model_failure: str = "exit"  # a model fails to load: exit | serve_others
+    auth_token: str | None = None  # bearer token required on every endpoint but /healthz
+    auth_token_file: str | None = None  # or read it from this file at start-up
 
 
 @dataclass(frozen=True)
@@ -82,12 +92,41 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where one model's batches may run and how its GPU copies are built."""
+
+    routing: str = "auto"  # auto: the router picks per batch; cpu or cuda: always there
+    cuda_instances: int = 1  # model copies per CUDA device, each with its own streams
+    half_precision: str = "off"  # off | fp16 | bf16: autocast on the GPU
+    compile: bool = False  # torch.compile the GPU copies
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The [devices] table: defaults of every model's Placement, and the calibration cache."""
+
+    routing: str = "auto"
+    cuda_instances: int = 1
+    half_precision: str = "off"
+    compile: bool = False
+    calibration_cache: str = "~/.cache/microbatch/calibration.json"  # "" = no cache
+    recalibrate: bool = False  # profile again at start-up and overwrite the cached costs
+
+    def placement(self) -> Placement:
+        return Placement(self.routing, self.cuda_instances, self.half_precision, self.compile)
+
+    def resolved_calibration_cache(self) -> str | None:
+        return os.path.expanduser(self.calibration_cache) if self.calibration_cache else None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: str
     format: str
     inputs: tuple[TensorSpec, ...]
     batching: BatchingConfig
+    placement: Placement = Placement()
 
 
 @dataclass(frozen=True)
@@ -111,6 +150,7 @@ class Config:
     batching: BatchingConfig
     workers: WorkersConfig
     models: tuple[ModelConfig, ...]
+    devices: DevicesConfig = DevicesConfig()
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
@@ -123,11 +163,17 @@ class Config:
         return {k: _redact(k, v) for k, v in asdict(self).items()}
 
 
-_TABLES = {"server": ServerSettings, "batching": BatchingConfig, "workers": WorkersConfig}
+_TABLES = {
+    "server": ServerSettings,
+    "batching": BatchingConfig,
+    "workers": WorkersConfig,
+    "devices": DevicesConfig,
+}
 _HINTS: dict[str, dict[str, object]] = {t: get_type_hints(cls) for t, cls in _TABLES.items()}
 _ENV_NAMES = {f"MICROBATCH_{t.upper()}_{k.upper()}": (t, k) for t in _TABLES for k in _HINTS[t]}
 _TABLE_OF = {k: t for t in _TABLES for k in _HINTS[t]}
-_MODEL_KEYS = ("path", "format", "input", "inputs", *_HINTS["batching"])
+_PLACEMENT_KEYS = tuple(get_type_hints(Placement))
+_MODEL_KEYS = ("path", "format", "input", "inputs", *_HINTS["batching"], *_PLACEMENT_KEYS)
 _KINDS: dict[object, str] = {int: "an integer", float: "a number", bool: "a boolean", str: "text"}
 # What every value must satisfy, whatever its source: key -> (requirement, test of a typed value).
 _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -137,6 +183,13 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_elements": ("be >= 1", lambda v: v >= 1),
     "max_dims": ("be >= 1", lambda v: v >= 1),
     "drain_timeout_s": ("be >= 0", lambda v: v >= 0),
+    "max_msgpack_depth": ("be >= 1", lambda v: v >= 1),
+    "max_msgpack_items": ("be >= 1", lambda v: v >= 1),
+    "max_msgpack_str_bytes": ("be >= 1", lambda v: v >= 1),
+    "on_model_failure": (
+        f"be one of {', '.join(ON_MODEL_FAILURE)}",
+        lambda v: v in ON_MODEL_FAILURE,
+    ),
     "cpu_workers": ("be >= 0", lambda v: v >= 0),
     "threads_per_worker": ("be >= 0", lambda v: v >= 0),
     "start_timeout_s": ("be > 0", lambda v: v > 0),
@@ -145,6 +198,9 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_queue_size": ("be >= 1", lambda v: v >= 1),
     "timeout_ms": ("be > 0", lambda v: v > 0),
     "log_level": (f"be one of {', '.join(LOG_LEVELS)}", lambda v: v in LOG_LEVELS),
+    "routing": (f"be one of {', '.join(ROUTINGS)}", lambda v: v in ROUTINGS),
+    "cuda_instances": ("be >= 1", lambda v: v >= 1),
+    "half_precision": (f"be one of {', '.join(HALF_PRECISIONS)}", lambda v: v in HALF_PRECISIONS),
 }
 
 
@@ -156,15 +212,36 @@ def load_config(config_path: str | None, env: Mapping[str, str], flags: Flags) -
     env_values, flag_values = _env_settings(env), _flag_settings(flags)
     merged = {t: {**_toml_settings(t, doc), **env_values[t], **flag_values[t]} for t in _TABLES}
     # Variables and flags are the operator's last word, over per-model TOML overrides too.
-    operator = {**env_values["batching"], **flag_values["batching"]}
+    operator = {t: {**env_values[t], **flag_values[t]} for t in ("batching", "devices")}
+    operator["devices"] = {
+        k: operator["devices"][k] for k in _PLACEMENT_KEYS if k in operator["devices"]
+    }
     base_dir = Path(os.path.abspath(path)).parent if path else Path.cwd()
     batching = BatchingConfig(**merged["batching"])
+    devices = DevicesConfig(**merged["devices"])
     return Config(
-        server=ServerSettings(**merged["server"]),
+        server=_with_auth_token(ServerSettings(**merged["server"])),
         batching=batching,
         workers=WorkersConfig(**merged["workers"]),
-        models=_models(doc, base_dir, flags, batching, operator),
+        models=_models(doc, base_dir, flags, (batching, devices.placement()), operator),
+        devices=devices,
     )
+
+
+def _with_auth_token(server: ServerSettings) -> ServerSettings:
+    """Reads server.auth_token_file once, here, so that a missing or empty file stops start-up."""
+    path = server.auth_token_file
+    if path is None:
+        return server
+    if server.auth_token is not None:
+        raise ConfigError("server.auth_token and server.auth_token_file are both set; give one")
+    try:
+        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"server.auth_token_file: cannot read {path}: {exc}") from None
+    if not token:
+        raise ConfigError(f"server.auth_token_file: {path} is empty")
+    return replace(server, auth_token=token)
 
 
 def parse_model_flag(text: str) -> tuple[str, str, tuple[TensorSpec, ...]]:
@@ -220,23 +297,31 @@ def _flag_settings(flags: Flags) -> dict[str, dict[str, Any]]:
     return out
 
 
+_Bases = tuple[BatchingConfig, Placement]  # what a model inherits from [batching], [devices]
+
+
 def _models(
-    doc: Mapping[str, Any], base_dir: Path, flags: Flags, base: BatchingConfig, operator: _Values
+    doc: Mapping[str, Any], base_dir: Path, flags: Flags, bases: _Bases, operator: _Tables
 ) -> tuple[ModelConfig, ...]:
     raw_models = _table("models", doc.get("models", {}))
-    models = {n: _toml_model(n, raw, base_dir, base, operator) for n, raw in raw_models.items()}
+    models = {n: _toml_model(n, raw, base_dir, bases, operator) for n, raw in raw_models.items()}
+    base, placement = bases
     for text in flags.models:  # a later --model replaces a same-named model
         where = f"--model {text!r}"
         name, path, inputs = parse_model_flag(text)
         path = _resolve_path(where, path, Path.cwd())
-        models[name] = ModelConfig(name, path, _format(where, path, None, inputs), inputs, base)
+        fmt = _format(where, path, None, inputs)
+        models[name] = ModelConfig(name, path, fmt, inputs, base, placement)
     if not models:
-        models = {n: ModelConfig(n, f"builtin:{n}", "builtin", (), base) for n in BUILTIN_MODELS}
+        models = {
+            n: ModelConfig(n, f"builtin:{n}", "builtin", (), base, placement)
+            for n in BUILTIN_MODELS
+        }
     return tuple(models.values())
 
 
 def _toml_model(
-    name: str, raw: object, base_dir: Path, base: BatchingConfig, operator: _Values
+    name: str, raw: object, base_dir: Path, bases: _Bases, operator: _Tables
 ) -> ModelConfig:
     where = f"models.{name}"
     _check_name(where, name)
@@ -248,10 +333,21 @@ def _toml_model(
     path = _resolve_path(f"{where}.path", str(raw_path), base_dir)
     fmt = str(_typed(f"{where}.format", "", str, table["format"])) if "format" in table else None
     inputs = _toml_inputs(where, table)
-    hints = _HINTS["batching"]
-    own = {k: _setting(f"{where}.{k}", k, hints[k], v) for k, v in table.items() if k in hints}
-    batching = replace(base, **{**own, **operator})
-    return ModelConfig(name, path, _format(where, path, fmt, inputs), inputs, batching)
+    own = _own(where, table, _HINTS["batching"])
+    batching = replace(bases[0], **{**own, **operator["batching"]})
+    own = _own(where, table, _PLACEMENT_KEYS)
+    placement = replace(bases[1], **{**own, **operator["devices"]})
+    fmt = _format(where, path, fmt, inputs)
+    return ModelConfig(name, path, fmt, inputs, batching, placement)
+
+
+def _own(where: str, table: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+    """A model table's own values for the keys of one inherited table, checked."""
+    return {
+        k: _setting(f"{where}.{k}", k, _HINTS[_TABLE_OF[k]][k], v)
+        for k, v in table.items()
+        if k in keys
+    }
 
 
 def _format(where: str, path: str, fmt: str | None, inputs: tuple[TensorSpec, ...]) -> str:
@@ -395,7 +491,7 @@ def _show(value: object) -> str:
 
 
 def _redact(key: str, value: object) -> object:
-    if any(word in key.lower() for word in _SECRET_WORDS):
+    if value not in (None, "") and any(word in key.lower() for word in _SECRET_WORDS):
         return "***"
     if isinstance(value, dict):
         return {k: _redact(str(k), v) for k, v in value.items()}

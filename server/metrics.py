@@ -38,6 +38,7 @@ LATENCY_BUCKETS_S = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Observations held back before bucketing; bounds memory between scrapes.
 _FLUSH_AT = 4096
+LabelledGauge = tuple[str, str, tuple[str, ...], Callable[[], dict[tuple[str, ...], float]]]
 
 
 class _LazyHistogram:
@@ -97,6 +98,7 @@ class Metrics(Collector):
         )
         self.worker_restarts = 0
         self._gauges: list[tuple[str, str, str, Callable[[], dict[str, float]]]] = []
+        self._labelled_gauges: list[LabelledGauge] = []
         self.registry.register(self)
 
     # Events -------------------------------------------------------------------------------
@@ -124,6 +126,16 @@ class Metrics(Collector):
     ) -> None:
         """A gauge read at scrape time: `read` returns {label value: gauge value}."""
         self._gauges.append((name, doc, label, read))
+
+    def add_labelled_gauge(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        read: Callable[[], dict[tuple[str, ...], float]],
+    ) -> None:
+        """A gauge with several labels, read at scrape time: {label values: gauge value}."""
+        self._labelled_gauges.append((name, doc, labels, read))
 
     # Export -------------------------------------------------------------------------------
     def render(self) -> bytes:
@@ -187,6 +199,11 @@ class Metrics(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=[label])
             for key, value in read().items():
                 gauge.add_metric([key], value)
+            yield gauge
+        for name, doc, labels, read_labelled in self._labelled_gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=list(labels))
+            for keys, value in read_labelled().items():
+                gauge.add_metric(list(keys), value)
             yield gauge
 
 

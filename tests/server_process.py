@@ -63,7 +63,13 @@ def start_server(
     argv = [sys.executable, "-m", "server.cli", "serve"]
     if "--uds" not in args and "--port" not in args:
         argv += ["--port", "0"]
-    full_env = {**os.environ, **(env or {})}
+    # Calibrations go to a per-run folder: tests never read or write the user's cache.
+    cache = Path(tempfile.gettempdir()) / f"microbatch-test-cache-{os.getpid()}"
+    full_env = {
+        **os.environ,
+        "MICROBATCH_DEVICES_CALIBRATION_CACHE": str(cache / "calibration.json"),
+        **(env or {}),
+    }
     with open(fd, "wb", closefd=True) as log_file:
         process = subprocess.Popen(
             [*argv, *args], cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=full_env

@@ -20,8 +20,10 @@ from server.config import (
     BatchingConfig,
     Config,
     ConfigError,
+    DevicesConfig,
     Flags,
     ModelConfig,
+    Placement,
     ServerSettings,
     WorkersConfig,
     load_config,
@@ -79,7 +81,12 @@ def test_default_toml_loads_to_exactly_the_defaults() -> None:
 
 def test_default_toml_lists_every_setting() -> None:
     doc = tomllib.loads((REPO / "configs" / "default.toml").read_text())
-    tables = {"server": ServerSettings, "batching": BatchingConfig, "workers": WorkersConfig}
+    tables = {
+        "server": ServerSettings,
+        "batching": BatchingConfig,
+        "workers": WorkersConfig,
+        "devices": DevicesConfig,
+    }
     assert set(doc) == set(tables)
     for table, cls in tables.items():
         assert set(doc[table]) == {f.name for f in fields(cls)}, table
@@ -108,6 +115,55 @@ PRECEDENCE = [
     ("batching", "timeout_ms", "100", "200", 300.0, (100.0, 200.0, 300.0)),
     ("workers", "cpu_workers", "2", "3", 4, (2, 3, 4)),
 ]
+
+DEVICE_PRECEDENCE = [
+    # key, TOML literal, env text, (toml, env) expected; the [devices] keys have no flags
+    ("routing", '"cpu"', "cuda", ("cpu", "cuda")),
+    ("cuda_instances", "2", "3", (2, 3)),
+    ("half_precision", '"fp16"', "bf16", ("fp16", "bf16")),
+    ("compile", "true", "no", (True, False)),
+    ("calibration_cache", '"/a.json"', "", ("/a.json", "")),
+    ("recalibrate", "true", "0", (True, False)),
+]
+
+
+@pytest.mark.parametrize(("key", "toml", "env", "expected"), DEVICE_PRECEDENCE)
+def test_devices_settings_layer_toml_then_env(
+    tmp_path: Path, key: str, toml: str, env: str, expected: tuple[object, object]
+) -> None:
+    path = write(tmp_path, f"[devices]\n{key} = {toml}\n")
+    variables = {f"MICROBATCH_DEVICES_{key.upper()}": env}
+    assert getattr(load(path).devices, key) == expected[0]
+    assert getattr(load(path, variables).devices, key) == expected[1]
+
+
+def test_model_placement_inherits_devices_then_own_then_operator(tmp_path: Path) -> None:
+    text = """
+        [devices]
+        routing = "cpu"
+        half_precision = "bf16"
+        [models.a]
+        path = "builtin:mlp"
+        routing = "auto"
+        cuda_instances = 2
+        compile = true
+        [models.b]
+        path = "builtin:linear"
+        """
+    config = load(write(tmp_path, text))
+    assert config.model("a").placement == Placement("auto", 2, "bf16", True)
+    assert config.model("b").placement == Placement("cpu", 1, "bf16", False)
+    forced = load(write(tmp_path, text), {"MICROBATCH_DEVICES_ROUTING": "cpu"})
+    assert forced.model("a").placement == Placement("cpu", 2, "bf16", True)
+    flagged = load(None, {"MICROBATCH_DEVICES_ROUTING": "cuda"}, Flags(models=("mlp",)))
+    assert flagged.model("mlp").placement == Placement(routing="cuda")
+
+
+def test_calibration_cache_expands_home_and_empty_means_none() -> None:
+    assert DevicesConfig(calibration_cache="").resolved_calibration_cache() is None
+    resolved = DevicesConfig().resolved_calibration_cache()
+    assert resolved is not None and not resolved.startswith("~")
+    assert resolved.endswith("microbatch/calibration.json")
 
 
 @pytest.mark.parametrize(("table", "key", "toml", "env", "flag", "expected"), PRECEDENCE)
@@ -262,6 +318,11 @@ TOML_ERRORS = [
     ("[workers]\ncpu_workers = -1", "workers.cpu_workers must be >= 0, got -1"),
     ("[workers]\nthreads_per_worker = -1", "workers.threads_per_worker must be >= 0, got -1"),
     ("[workers]\nstart_timeout_s = 0", "workers.start_timeout_s must be > 0, got 0"),
+    ('[devices]\nrouting = "gpu"', "devices.routing must be one of auto, cpu, cuda, got 'gpu'"),
+    ("[devices]\ncuda_instances = 0", "devices.cuda_instances must be >= 1, got 0"),
+    ('[devices]\nhalf_precision = "fp8"', "devices.half_precision must be one of off, fp16, bf16"),
+    ('[devices]\ncompile = "yes"', "devices.compile must be a boolean, got 'yes'"),
+    ("[devices]\nrecalibrate = 1", "devices.recalibrate must be a boolean, got 1"),
     ("server = 3", "server must be a table, got 3"),
     ("[server]\nprot = 80", "server.prot is not a setting; did you mean server.port?"),
     ("[batching]\nmax_dealy_ms = 1", "did you mean batching.max_delay_ms?"),
@@ -390,6 +451,9 @@ MODEL_ERRORS = [
     ("path = 'm.pt'\ninputs = { a = { dtype = 'x', shape = [3] } }", "models.m.inputs.a.dtype"),
     ("path = 'm.pt'\nmax_batch_size = 0", "models.m.max_batch_size must be >= 1, got 0"),
     ("path = 'm.pt'\nmax_dealy_ms = 1", "did you mean models.m.max_delay_ms?"),
+    ("path = 'builtin:mlp'\nrouting = 'gpu'", "models.m.routing must be one of auto, cpu, cuda"),
+    ("path = 'builtin:mlp'\ncuda_instances = 0", "models.m.cuda_instances must be >= 1, got 0"),
+    ("path = 'builtin:mlp'\ncalibration_cache = ''", "models.m.calibration_cache is not a"),
 ]
 
 
@@ -547,3 +611,60 @@ def test_importing_config_loads_neither_torch_nor_aiohttp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "[]"
+
+
+# --- reliability and security settings --------------------------------------------------------
+
+
+def test_on_model_failure_takes_exit_or_serve_others(tmp_path: Path) -> None:
+    assert load().server.on_model_failure == "exit"
+    env = {"MICROBATCH_SERVER_ON_MODEL_FAILURE": "serve_others"}
+    assert load(env=env).server.on_model_failure == "serve_others"
+    path = write(tmp_path, '[server]\non_model_failure = "ignore"\n')
+    assert error(path) == "server.on_model_failure must be one of exit, serve_others, got 'ignore'"
+
+
+@pytest.mark.parametrize("key", ["MAX_MSGPACK_DEPTH", "MAX_MSGPACK_ITEMS", "MAX_MSGPACK_STR_BYTES"])
+def test_msgpack_limits_are_at_least_one(key: str) -> None:
+    assert error(env={f"MICROBATCH_SERVER_{key}": "0"}) == (
+        f"MICROBATCH_SERVER_{key} must be >= 1, got 0"
+    )
+
+
+def test_auth_token_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    assert load().server.auth_token is None
+    assert load(env={"MICROBATCH_SERVER_AUTH_TOKEN": "abc"}).server.auth_token == "abc"
+    assert load(env={"MICROBATCH_SERVER_AUTH_TOKEN": ""}).server.auth_token is None
+    token_file = tmp_path / "token"
+    token_file.write_text("  from-a-file\n")
+    path = write(tmp_path, f'[server]\nauth_token_file = "{token_file}"\n')
+    assert load(path).server.auth_token == "from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "server.auth_token_file: cannot read"), ("\n", "is empty")],
+)
+def test_a_token_file_that_is_missing_or_empty_stops_start_up(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    assert message in error(env={"MICROBATCH_SERVER_AUTH_TOKEN_FILE": str(token_file)})
+
+
+def test_a_token_and_a_token_file_together_are_an_error(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("x")
+    env = {
+        "MICROBATCH_SERVER_AUTH_TOKEN": "y",
+        "MICROBATCH_SERVER_AUTH_TOKEN_FILE": str(token_file),
+    }
+    assert "both set" in error(env=env)
+
+
+def test_the_token_is_redacted_in_the_logged_config() -> None:
+    secret = load(env={"MICROBATCH_SERVER_AUTH_TOKEN": "hunter2"}).redacted()
+    assert secret["server"]["auth_token"] == "***"  # type: ignore[index]
+    assert "hunter2" not in json.dumps(secret)

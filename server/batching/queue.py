@@ -1,7 +1,8 @@
 """One model's queue: admission, expiry, batch formation and answering each request.
 
-Event loop only; no torch. Release decisions come from the pure `policy.decide`; this class
-only waits (a coalesced call_soon, or a timer at the next deadline), pops and dispatches.
+Event loop only; no torch. Release decisions come from the pure `policy.decide`, admission from
+`admission.admit`, and the halves of a poisoned batch from `bisection.halves`; this class only
+waits (a coalesced call_soon, or a timer at the next deadline), pops and dispatches.
 """
 
 from __future__ import annotations
@@ -10,12 +11,20 @@ import asyncio
 import logging
 from collections import deque
 
+from server.batching.admission import Admission, DrainEstimate, admit
+from server.batching.bisection import halves, should_bisect
 from server.batching.pending import PendingRequest, RequestResult, reject, resolve
 from server.batching.policy import QueueSnapshot, decide
 from server.clock import Clock, Timer
 from server.config import BatchingConfig
-from server.errors import DeadlineExceeded, Overloaded, ShuttingDown, error_for_code
-from server.executors.base import Batch, BatchDone, BatchOutcome, Dispatcher
+from server.errors import (
+    DeadlineExceeded,
+    Overloaded,
+    ServingError,
+    ShuttingDown,
+    error_for_code,
+)
+from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome, Dispatcher
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -47,7 +56,10 @@ class BatchQueue:
         # A lower bound on the queued deadlines (exact after each sweep), so that the common
         # case of nothing expired costs one comparison rather than a scan.
         self._earliest_deadline = float("inf")
-        self._drain_rate = _DrainRate()
+        self._drain = DrainEstimate()
+        self._dispatched_at: dict[Batch, float] = {}
+        # Halves of poisoned batches (still counted in flight), run ahead of everything queued.
+        self._retries: deque[list[PendingRequest]] = deque()
         self._idle = asyncio.Event()
         self._idle.set()
         dispatcher.add_capacity_listener(self._schedule_pump)
@@ -63,19 +75,37 @@ class BatchQueue:
 
     def submit(self, request: PendingRequest) -> None:
         """Admit a request or raise (503) at once; its future is answered later."""
-        if self._closed:
-            raise ShuttingDown("the server is shutting down and takes no new requests")
-        limit = self.settings.max_queue_size
-        if self._queued_samples + request.samples > limit:
-            raise Overloaded(
-                f"model {self.model!r} has {self._queued_samples} samples queued, limit {limit}",
-                retry_after_s=self._drain_rate.seconds_to_drain(self._queued_samples),
-            )
+        self._admit(request.samples, request.deadline_at)
         self._pending.append(request)
         self._queued_samples += request.samples
         self._earliest_deadline = min(self._earliest_deadline, request.deadline_at)
         self._idle.clear()
         self._schedule_pump()
+
+    def refuse_early(self) -> None:
+        """Raise (503) when even a one-sample request would be refused: called before the body
+        is read, so that shedding costs no reading or decoding."""
+        self._admit(1, float("inf"))
+
+    def _admit(self, samples: int, deadline_at: float) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        shed = admit(
+            Admission(
+                now=self._clock.now(),
+                samples=samples,
+                deadline_at=deadline_at,
+                queued_samples=self._queued_samples,
+                in_flight_samples=self._in_flight_samples,
+                max_queue_size=self.settings.max_queue_size,
+                drain_rate=self._drain.rate,
+                batch_s=self._drain.batch_s,
+            )
+        )
+        if shed is not None:
+            raise Overloaded(
+                f"model {self.model!r}: {shed.message}", retry_after_s=shed.retry_after_s
+            )
 
     async def wait_idle(self) -> None:
         """Until nothing admitted is left unanswered."""
@@ -91,6 +121,22 @@ class BatchQueue:
         """Refuse new requests; those admitted still run."""
         self._closed = True
 
+    def abort(self, error: ServingError) -> None:
+        """Answer everything not yet in an executor with `error` (the drain ran out of time);
+        batches in an executor are answered when the executor stops."""
+        self._closed = True
+        for request in self._pending:
+            reject(request.future, error)
+        for group in self._retries:
+            self._in_flight_samples -= sum(r.samples for r in group)
+            for request in group:
+                reject(request.future, error)
+        self._pending.clear()
+        self._retries.clear()
+        self._queued_samples = 0
+        self._earliest_deadline = float("inf")
+        self._note_idle()
+
     def _schedule_pump(self) -> None:
         # Coalesced: every handler that runs in this loop iteration enqueues first, then one
         # pump forms one batch from all of them; a lone request is not delayed.
@@ -102,6 +148,7 @@ class BatchQueue:
         self._pump_scheduled = False
         now = self._clock.now()
         self._expire(now)
+        self._run_retries(now)
         self._note_idle()
         while self._pending:
             decision = decide(
@@ -120,7 +167,44 @@ class BatchQueue:
                 return
             batch = self._take(now)
             if batch is not None:
-                self._dispatcher.dispatch(batch, self._finish)
+                self._send(batch, now)
+
+    def _send(self, batch: Batch, now: float) -> None:
+        self._dispatched_at[batch] = now  # before dispatch: `done` may be called within it
+        self._dispatcher.dispatch(batch, self._finish)
+
+    def _run_retries(self, now: float) -> None:
+        while self._retries and self._dispatcher.free_slots(self.model) > 0:
+            live: list[PendingRequest] = []
+            for request in self._retries.popleft():
+                if request.is_gone() or request.deadline_at <= self._cutoff(now):
+                    self._in_flight_samples -= request.samples
+                    self._drop(request, now)
+                else:
+                    live.append(request)
+            if live:
+                self._send(Batch(self.model, live, sum(r.samples for r in live)), now)
+
+    def _cutoff(self, now: float) -> float:
+        """Deadlines up to this are lost: a batch dispatched now would answer after them."""
+        return now + self._drain.batch_s
+
+    def _drop(self, request: PendingRequest, now: float) -> None:
+        """A request that will not be computed: its client left, or its deadline passed or
+        would pass before a batch dispatched now could answer (504)."""
+        if request.is_gone():
+            self._metrics.request_dropped(self.model, "client_gone")
+            return
+        self._metrics.request_dropped(self.model, "deadline")
+        waited_ms = (now - request.arrived_at) * 1000.0
+        why = "passed" if request.deadline_at <= now else "would pass before its batch finished"
+        reject(
+            request.future,
+            DeadlineExceeded(
+                f"deadline {why} after {waited_ms:.1f} ms in the queue of model "
+                f"{self.model!r}; the request was not computed"
+            ),
+        )
 
     def _take(self, now: float) -> Batch | None:
         requests: list[PendingRequest] = []
@@ -144,29 +228,22 @@ class BatchQueue:
         return Batch(self.model, requests, samples)
 
     def _expire(self, now: float) -> None:
-        """Answer 504 for every queued request whose deadline has passed; it is never computed."""
-        if self._earliest_deadline > now:
+        """Answer 504 for every queued request whose deadline is lost; it is never computed."""
+        cutoff = self._cutoff(now)
+        if self._earliest_deadline > cutoff:
             return
         kept: deque[PendingRequest] = deque()
         for request in self._pending:
-            if request.deadline_at <= now:
+            if request.deadline_at <= cutoff:
                 self._queued_samples -= request.samples
-                self._metrics.request_dropped(self.model, "deadline")
-                waited_ms = (now - request.arrived_at) * 1000.0
-                reject(
-                    request.future,
-                    DeadlineExceeded(
-                        f"deadline passed after {waited_ms:.1f} ms in the queue of model "
-                        f"{self.model!r}; the request was not computed"
-                    ),
-                )
+                self._drop(request, now)
             else:
                 kept.append(request)
         self._pending = kept
         self._earliest_deadline = min((r.deadline_at for r in kept), default=float("inf"))
 
     def _arm_timer(self, wake_at: float | None) -> None:
-        deadline = self._earliest_deadline
+        deadline = self._earliest_deadline - self._drain.batch_s
         at = deadline if wake_at is None else min(wake_at, deadline)
         if at == float("inf"):
             return
@@ -182,17 +259,20 @@ class BatchQueue:
         self._pump()
 
     def _finish(self, batch: Batch, outcome: BatchOutcome) -> None:
-        """Answer every request of a batch from its one outcome."""
+        """Answer every request of a batch from its one outcome, or retry the halves of a batch
+        the model raised on, so that only the request(s) that make it raise fail."""
         self._in_flight_samples -= batch.samples
-        self._note_idle()
         now = self._clock.now()
-        self._drain_rate.record(now, batch.samples)
-        if not isinstance(outcome, BatchDone):
-            error = error_for_code(outcome.code, outcome.message)
-            for request in batch.requests:
-                reject(request.future, error)
-            self._metrics.batch_failed(self.model, batch.samples)
-            return
+        self._drain.record(now, self._dispatched_at.pop(batch, now), batch.samples)
+        if isinstance(outcome, BatchDone):
+            self._answer(batch, outcome)
+        elif should_bisect(outcome.code, outcome.model_raised, len(batch.requests)):
+            self._bisect(batch, outcome)
+        else:
+            self._fail(batch, outcome)
+        self._note_idle()  # after any retry is counted in flight, or a drain would end early
+
+    def _answer(self, batch: Batch, outcome: BatchDone) -> None:
         compute_ms = outcome.compute_s * 1000.0
         offset = 0
         for request in batch.requests:
@@ -209,21 +289,32 @@ class BatchQueue:
             )
         self._metrics.batch_done(self.model, outcome.device, batch, outcome.compute_s)
 
+    def _bisect(self, batch: Batch, outcome: BatchFailed) -> None:
+        self._metrics.batch_failed(self.model, batch.samples)
+        first, second = halves(batch.requests, [r.samples for r in batch.requests])
+        self._retries.extend((first, second))
+        self._in_flight_samples += batch.samples
+        log.info(
+            "model %r raised on a batch of %d requests (%s); running halves of %d and %d "
+            "requests to find the culprit",
+            self.model,
+            len(batch.requests),
+            outcome.message,
+            len(first),
+            len(second),
+        )
+        self._schedule_pump()
 
-class _DrainRate:
-    """Samples answered per second (a moving average), for Retry-After on overload."""
-
-    def __init__(self) -> None:
-        self._rate = 0.0
-        self._last_at: float | None = None
-
-    def record(self, now: float, samples: int) -> None:
-        if self._last_at is not None and now > self._last_at:
-            instant = samples / (now - self._last_at)
-            self._rate = instant if self._rate == 0.0 else 0.9 * self._rate + 0.1 * instant
-        self._last_at = now
-
-    def seconds_to_drain(self, queued: int) -> float:
-        if self._rate <= 0.0:
-            return 1.0
-        return max(0.001, queued / self._rate)
+    def _fail(self, batch: Batch, outcome: BatchFailed) -> None:
+        error = error_for_code(outcome.code, outcome.message)
+        for request in batch.requests:
+            reject(request.future, error)
+        self._metrics.batch_failed(self.model, batch.samples)
+        if outcome.model_raised:
+            for request in batch.requests:
+                log.info(
+                    "request %s to model %r makes it raise: %s",
+                    request.request_id,
+                    self.model,
+                    outcome.message,
+                )

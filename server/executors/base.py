@@ -34,6 +34,9 @@ class BatchDone:
 class BatchFailed:
     code: str  # an ErrorCode value
     message: str
+    # The model itself raised on these inputs (not a dead worker, not a shutdown): smaller
+    # sub-batches may isolate the request(s) that cause it (batching/bisection.py).
+    model_raised: bool = False
 
 
 BatchOutcome = BatchDone | BatchFailed

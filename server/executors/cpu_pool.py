@@ -12,8 +12,9 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
@@ -25,6 +26,7 @@ import numpy as np
 from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
+from server.executors.framing import FrameReader
 from server.executors.model_info import ModelInfo
 from server.executors.shm_layout import ModelPlaces, plan_layout
 from server.executors.worker_entry import WorkerSetup, run_worker
@@ -33,9 +35,10 @@ from server.models.spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
-# Two batches per worker: the next one is staged while the current one computes, so the
-# worker never idles waiting for the event loop.
-SLOTS_PER_WORKER = 2
+# Batches in flight per worker. A second slot would stage the next batch while the current one
+# computes, but measured on 2 cores it halves batch sizes and doubles the per-batch system
+# calls, costing more than the idle gap it hides (see docs/benchmarks.md).
+SLOTS_PER_WORKER = 1
 MAX_ATTEMPTS = 2  # a batch whose worker died is retried once
 RESPAWN_BACKOFF_S = (0.0, 0.5, 2.0, 5.0)
 
@@ -61,6 +64,7 @@ class _Worker:
         self.slots: list[_InFlight | None] = [None] * SLOTS_PER_WORKER
         self.by_seq: dict[int, _InFlight] = {}
         self.started: asyncio.Future[None] | None = None
+        self.frames = FrameReader()
 
     def free_slot(self) -> int | None:
         for i, used in enumerate(self.slots):
@@ -77,9 +81,17 @@ class CpuPool:
     device = "cpu"
 
     def __init__(
-        self, models: tuple[ModelConfig, ...], workers: int, threads: int, metrics: Metrics
+        self,
+        models: tuple[ModelConfig, ...],
+        workers: int,
+        threads: int,
+        metrics: Metrics,
+        calibrate: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         self._configs = models
+        # Worker 0 times these models over these batch sizes once, before it reports ready.
+        self._calibrate = {name: list(sizes) for name, sizes in (calibrate or {}).items()}
+        self.calibration: dict[str, list[tuple[int, float]]] = {}
         self._size = workers
         self._threads = threads
         self._metrics = metrics
@@ -89,6 +101,7 @@ class CpuPool:
         self._places: list[dict[str, ModelPlaces]] | None = None
         self._views: dict[int, list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]]] = {}
         self.models: dict[str, ModelInfo] = {}
+        self.missing: dict[str, str] = {}  # model -> why it failed to load or warm up
         self._listeners: list[Callable[[], None]] = []
         self._retry: deque[tuple[Batch, DoneCallback]] = deque()
         self._seq = itertools.count()
@@ -202,20 +215,30 @@ class CpuPool:
 
     # Worker messages -----------------------------------------------------------------------
     def _on_readable(self, worker: _Worker) -> None:
+        # One read per wake-up, framing parsed here: Connection.poll + recv_bytes would cost
+        # three system calls per message, and system calls dominate the per-batch cost.
         try:
-            while worker.alive and worker.conn.poll():
-                self._on_message(worker, msgpack.unpackb(worker.conn.recv_bytes(), raw=False))
-        except (EOFError, OSError):
+            chunk = os.read(worker.conn.fileno(), 1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
             self._on_death(worker)
+            return
+        for payload in worker.frames.feed(chunk):
+            if not worker.alive:
+                return
+            self._on_message(worker, msgpack.unpackb(payload, raw=False))
 
     def _on_message(self, worker: _Worker, message: list[Any]) -> None:
         kind = message[0]
         if kind == "done" or kind == "failed":
             self._on_result(worker, message)
         elif kind == "loaded":
-            self._on_loaded(worker, message[1])
+            self._on_loaded(worker, message[1], message[2] if len(message) > 2 else [])
         elif kind == "ready":
             worker.ready = True
+            for name, points in (message[1] if len(message) > 1 else {}).items():
+                self.calibration[str(name)] = [(int(n), float(s)) for n, s in points]
             self._failures.pop(worker.index, None)
             if worker.started is not None and not worker.started.done():
                 worker.started.set_result(None)
@@ -236,26 +259,38 @@ class CpuPool:
             }
             flight.done(batch, BatchDone(result, float(message[2]), self.device))
         else:
-            flight.done(batch, BatchFailed(str(message[2]), str(message[3])))
+            # The worker reports only the model's own exceptions this way.
+            failed = BatchFailed(str(message[2]), str(message[3]), model_raised=True)
+            flight.done(batch, failed)
         self._capacity_freed()
 
-    def _on_loaded(self, worker: _Worker, reported: list[Any]) -> None:
+    def _on_loaded(self, worker: _Worker, reported: list[Any], failed: list[Any]) -> None:
+        batching = {cfg.name: cfg.batching for cfg in self._configs}
         infos = {
             name: ModelInfo(
                 name,
                 tuple(TensorSpec.from_wire(s) for s in inputs),
                 tuple(TensorSpec.from_wire(s) for s in outputs),
-                cfg.batching,
+                batching[name],
             )
-            for (name, inputs, outputs), cfg in zip(reported, self._configs, strict=True)
+            for name, inputs, outputs in reported
         }
         if not self.models:
             self.models = infos
+            self.missing = {str(name): str(reason) for name, reason in failed}
         elif infos != self.models:
-            raise PoolStartError(f"worker {worker.index} reports other model specs than worker 0")
+            self._on_load_failed(
+                worker,
+                f"worker {worker.index} loaded other models or specs than the first worker "
+                f"({sorted(infos)}, expected {sorted(self.models)})",
+            )
+            return
         if worker.index not in self._segments:
             self._create_segment(worker.index)
-        self._send(worker, ["attach", self._segments[worker.index].name, SLOTS_PER_WORKER])
+        attach: list[Any] = ["attach", self._segments[worker.index].name, SLOTS_PER_WORKER]
+        if worker.index == 0 and not self._started and self._calibrate:
+            attach.append(self._calibrate)
+        self._send(worker, attach)
 
     def _create_segment(self, index: int) -> None:
         layout = plan_layout(

@@ -2,8 +2,10 @@
 
 Runs in its own (spawned) process and imports torch. It talks to the pool over one
 multiprocessing Connection in small msgpack messages; tensors stay in shared memory:
-    -> ["loaded", [[model, inputs, outputs], ...]] | ["load_failed", message]
-    <- ["attach", segment name, slots]     -> ["ready"]
+    -> ["loaded", [[model, inputs, outputs], ...], [[model, why it failed], ...]]
+       | ["load_failed", message]   (when no model loaded)
+    <- ["attach", segment name, slots, {model: [sizes]}?]
+        -> ["ready", {model: [[samples, seconds], ...]}]   (the sizes timed, if asked)
     <- ["run", seq, slot, model, samples]
         -> ["done", seq, compute_s] | ["failed", seq, code, message]
     <- ["stop"]
@@ -25,6 +27,7 @@ from server.executors.shm_layout import plan_layout
 from server.executors.worker_entry import WorkerSetup
 from server.models.loading import LoadedModel, ModelLoadError, load_model
 from server.models.spec import TensorSpec
+from server.routing.profiling import profile_cpu_blocking
 
 if TYPE_CHECKING:
     from server.config import ModelConfig
@@ -37,10 +40,15 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(setup.threads)
     torch.set_num_interop_threads(1)
-    try:
-        models = {cfg.name: _load_and_warm(cfg) for cfg in setup.models}
-    except ModelLoadError as exc:
-        _send(conn, ["load_failed", str(exc)])
+    models: dict[str, LoadedModel] = {}
+    failed: list[list[str]] = []  # each model's failure is reported; the pool decides
+    for cfg in setup.models:
+        try:
+            models[cfg.name] = _load_and_warm(cfg)
+        except ModelLoadError as exc:
+            failed.append([cfg.name, str(exc)])
+    if not models:
+        _send(conn, ["load_failed", "; ".join(why for _, why in failed)])
         return
     _send(
         conn,
@@ -50,16 +58,17 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
                 [m.name, [s.to_wire() for s in m.inputs], [s.to_wire() for s in m.outputs]]
                 for m in models.values()
             ],
+            failed,
         ],
     )
     try:
         message = _recv(conn)
     except EOFError:
         return
-    _, segment_name, slots = message
+    _, segment_name, slots, *plan = message  # a plan only for the worker that calibrates
     segment = SharedMemory(name=segment_name)
     try:
-        _send(conn, ["ready"])
+        _send(conn, ["ready", profile_cpu_blocking(models, plan[0]) if plan else {}])
         _serve_blocking(conn, models, _tensor_views(segment, models, setup, slots))
     finally:
         segment.close()
@@ -72,8 +81,15 @@ def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
             tensors = [
                 torch.zeros((n, *s.shape), dtype=getattr(torch, s.dtype)) for s in model.inputs
             ]
-            for _ in range(WARMUP_ROUNDS):
-                model.run(tensors)
+            try:
+                for _ in range(WARMUP_ROUNDS):
+                    model.run(tensors)
+            except Exception as exc:  # the model's own failure: named and reported, as plain text
+                lines = str(exc).strip().splitlines()
+                raise ModelLoadError(
+                    f"model {cfg.name!r} failed to warm up at batch size {n}: "
+                    f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+                ) from None
     return model
 
 

@@ -8,11 +8,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.http import handlers
+from server.http.auth import bearer_auth
 from server.http.state import ServerState
 
 
 def create_app(state: ServerState) -> web.Application:
-    app = web.Application(client_max_size=state.config.server.max_body_bytes)
+    token = state.config.server.auth_token
+    # Only with a token: without one, the hot infer path passes through no middleware.
+    middlewares = [bearer_auth(token)] if token else []
+    app = web.Application(
+        client_max_size=state.config.server.max_body_bytes, middlewares=middlewares
+    )
     app[handlers.STATE] = state
     app.router.add_post("/v1/models/{model}/infer", handlers.infer)
     app.router.add_get("/v1/models", handlers.list_models)

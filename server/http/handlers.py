@@ -36,9 +36,11 @@ from server.protocol.codec import (
     encoding_of,
     error_body,
 )
+from server.routing.devices import Devices
 
 log = logging.getLogger(__name__)
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
+DEVICES: web.AppKey[Devices] = web.AppKey("devices", Devices)
 
 
 def reply_encoding(request: web.BaseRequest) -> str:
@@ -100,9 +102,11 @@ async def _infer(
 ) -> tuple[RequestResult, str | None]:
     endpoint = state.endpoints.get(model)
     if endpoint is None:
-        raise UnknownModel(f"no model named {model!r}; served models: {sorted(state.endpoints)}")
+        raise _unknown_model(state, model)
     if state.phase is not Phase.READY:
         raise _not_serving(state)
+    # Shed before the body is read or decoded, so that refusing costs next to nothing.
+    endpoint.queue.refuse_early()
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -124,6 +128,13 @@ async def _infer(
     return await future, decoded.id
 
 
+def _unknown_model(state: ServerState, model: str) -> ServingError:
+    why = state.missing.get(model)
+    if why is not None:
+        return UnknownModel(f"model {model!r} is not served: it failed to load ({why})")
+    return UnknownModel(f"no model named {model!r}; served models: {sorted(state.endpoints)}")
+
+
 def _not_serving(state: ServerState) -> ServingError:
     if state.phase is Phase.DRAINING:
         return ShuttingDown("the server is shutting down and takes no new requests")
@@ -133,6 +144,7 @@ def _not_serving(state: ServerState) -> ServingError:
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     pool = state.pool
+    devices = request.app.get(DEVICES)
     models: list[dict[str, Any]] = []
     for cfg in state.config.models:
         endpoint = state.endpoints.get(cfg.name)
@@ -151,7 +163,9 @@ async def list_models(request: web.Request) -> web.Response:
                     "max_queue_size": batching.max_queue_size,
                     "timeout_ms": batching.timeout_ms,
                 },
-                "devices": ["cpu"],
+                "routing": cfg.placement.routing,
+                # devices (where its batches may run), costs (calibrated and current), crossover
+                **(devices.describe(cfg.name) if devices else {"devices": ["cpu"]}),
                 "queued_samples": endpoint.queue.queued_samples if endpoint else 0,
             }
         )
@@ -163,6 +177,16 @@ async def list_models(request: web.Request) -> web.Response:
                 "workers": pool.live_workers(),
                 "busy_workers": pool.busy_workers(),
                 "pids": pool.worker_pids(),
+            }
+        )
+    for gpu in devices.gpus if devices else []:
+        executors.append(
+            {
+                "device": gpu.device,
+                "name": gpu.gpu_name,
+                "alive": gpu.alive(),
+                "in_flight_batches": gpu.in_flight(),
+                "batch_caps": dict(gpu.caps),
             }
         )
     return _plain(request, {"models": models, "executors": executors})
@@ -177,6 +201,8 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": state.phase.value}
     if state.failure:
         body["reason"] = state.failure
+    if state.missing:  # server.on_model_failure = serve_others: ready, without these
+        body["missing"] = state.missing
     return _plain(request, body, status=200 if state.phase is Phase.READY else 503)
 
 

@@ -40,6 +40,7 @@ class ServerState:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     phase: Phase = Phase.STARTING
     failure: str = ""
+    missing: dict[str, str] = field(default_factory=dict)  # model -> why it failed to load
 
     def outstanding_samples(self) -> int:
         return sum(e.queue.outstanding_samples for e in self.endpoints.values())

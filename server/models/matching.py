@@ -15,7 +15,7 @@ from server.models.spec import TensorSpec
 
 
 def castable(src: np.dtype[np.generic], dst: np.dtype[np.generic]) -> bool:
-    if src == dst or np.can_cast(src, dst, casting="safe"):
+    if src is dst or src == dst or np.can_cast(src, dst, casting="safe"):
         return True
     return src.kind in "iuf" and dst.kind == "f"
 

@@ -7,6 +7,7 @@ processes all share these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -32,8 +33,9 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def np_dtype(self) -> np.dtype[np.generic]:
+        # Cached: read on every request, and np.dtype(str) costs a microsecond.
         return np.dtype(self.dtype)
 
     @property

@@ -2,7 +2,8 @@
 
 Runs on the server's event loop and inside clients; imports neither torch nor aiohttp. Every
 malformed input raises BadRequest (or PayloadTooLarge) naming the field; declared shapes are
-checked against the body and the element limits before any buffer is made.
+checked against the body and the element limits before any buffer is made. Nothing here
+unpickles: msgpack (ext types refused) and JSON only.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Limits:
     max_dims: int = 8
     max_inputs: int = 64
     max_id_chars: int = 256
+    # msgpack only (JSON nesting is bounded by the parser's recursion limit, also a 400):
+    max_depth: int = 16  # containers within containers
+    max_items: int = 1024  # entries of one array or map
+    max_str_bytes: int = 4096  # bytes of one string
 
 
 @dataclass
@@ -75,11 +80,24 @@ def encode(obj: Any, encoding: str) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode(body: bytes, encoding: str) -> Any:
-    """Parse a body; msgpack limits default to the body's own length, so no oversized buffers."""
+def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
+    """Parse a body; msgpack lengths are bounded by the body's own length (so a small body
+    never makes a large buffer) and, given `limits`, by them; ext types are then refused."""
     try:
         if encoding == MSGPACK:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+            if limits is None:
+                return msgpack.unpackb(body, raw=False, strict_map_key=True)
+            size = len(body)
+            return msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=min(limits.max_str_bytes, size),
+                max_bin_len=size,
+                max_array_len=min(limits.max_items, size),
+                max_map_len=min(limits.max_items, size),
+                max_ext_len=0,
+            )
         return json.loads(body)
     except RecursionError:
         raise BadRequest(f"body is not valid {encoding}: nested too deeply") from None
@@ -89,11 +107,13 @@ def decode(body: bytes, encoding: str) -> Any:
 
 def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
     """Decode and validate an infer request body (tensors are not yet matched to a model)."""
-    obj = decode(body, encoding)
+    obj = decode(body, encoding, limits)
+    if encoding == MSGPACK:
+        _check_depth(obj, limits.max_depth)
     if not isinstance(obj, dict):
         raise BadRequest(f"body must be a map with an 'inputs' key, got {_kind(obj)}")
-    unknown = obj.keys() - _REQUEST_KEYS
-    if unknown:
+    if not _REQUEST_KEYS.issuperset(obj):
+        unknown = obj.keys() - _REQUEST_KEYS
         raise BadRequest(
             f"unknown request field(s) {sorted(map(str, unknown))}; known: inputs, id, timeout_ms"
         )
@@ -102,6 +122,18 @@ def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
         id=_decode_id(obj.get("id"), limits),
         timeout_ms=_decode_timeout(obj.get("timeout_ms")),
     )
+
+
+def _check_depth(obj: Any, limit: int) -> None:
+    """Containers nest at most `limit` deep (a request needs 4); iterative, so it cannot
+    overflow a stack, and linear in the parsed items, so it costs no more than the parse."""
+    stack: list[tuple[Any, int]] = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            raise BadRequest(f"body nests maps and arrays more than {limit} deep")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _decode_inputs(inputs: Any, encoding: str, limits: Limits) -> dict[str, np.ndarray]:
@@ -149,12 +181,12 @@ def decode_tensor(
     if not isinstance(obj, dict):
         raise BadRequest(f"{field} must be a map with dtype, shape and data, got {_kind(obj)}")
     dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype_name not in _WIRE_DTYPES:
+    dtype = _WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
         raise BadRequest(
             f"{field}.dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}"
         )
     elements = _check_shape(shape, field, limits, limits.max_elements if budget is None else budget)
-    dtype = _WIRE_DTYPES[dtype_name]
     if encoding == MSGPACK:
         arr = _array_from_bytes(data, dtype, elements, field)
     else:
@@ -172,13 +204,15 @@ def _check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
         )
     if len(shape) > limits.max_dims:
         raise BadRequest(f"{field}.shape has {len(shape)} dimensions, at most {limits.max_dims}")
-    elements = 1
+    elements = bound = 1
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise BadRequest(f"{field}.shape must hold non-negative integers, got {shape!r}")
         elements *= dim
-        # Checked as we go so that huge declared dims never reach an allocation.
-        if elements > budget:
+        # Checked as we go so that huge declared dims never reach an allocation; zero dims are
+        # counted as 1, so that a 0 cannot hide an absurd shape such as [0, 2**70] from numpy.
+        bound *= max(dim, 1)
+        if bound > budget:
             raise PayloadTooLarge(
                 f"{field}.shape {shape!r} exceeds the limit of {limits.max_elements} "
                 "tensor elements per request"

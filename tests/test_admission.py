@@ -1,0 +1,142 @@
+"""Admission: the pure shedding rule (queue limit, and a deadline the backlog would miss), the
+drain estimate it reads, and the queue refusing early and cheaply. Numbers and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from server.batching.admission import UNKNOWN_RETRY_AFTER_S, Admission, DrainEstimate, admit
+from server.batching.pending import PendingRequest, RequestResult
+from server.batching.queue import BatchQueue
+from server.config import BatchingConfig
+from server.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from server.metrics import Metrics
+from tests.fakes import FakeClock, FakeExecutor
+
+
+def snapshot(**changes: float) -> Admission:
+    base = {
+        "now": 100.0,
+        "samples": 1,
+        "deadline_at": 101.0,
+        "queued_samples": 0,
+        "in_flight_samples": 0,
+        "max_queue_size": 64,
+        "drain_rate": 100.0,
+        "batch_s": 0.05,
+    }
+    return Admission(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_an_empty_queue_admits_whatever_the_deadline() -> None:
+    assert admit(snapshot(deadline_at=100.001, in_flight_samples=8)) is None
+
+
+def test_the_queue_limit_holds_and_retry_after_follows_the_drain_rate() -> None:
+    shed = admit(snapshot(queued_samples=60, samples=5, drain_rate=30.0))
+    assert shed is not None and shed.reason == "queue_full"
+    assert shed.retry_after_s == pytest.approx(2.0)
+    assert admit(snapshot(queued_samples=59, samples=5, deadline_at=1e9)) is None
+
+
+def test_nothing_measured_yet_admits_up_to_the_limit_and_says_retry_in_a_second() -> None:
+    assert admit(snapshot(queued_samples=63, drain_rate=0.0, deadline_at=100.0001)) is None
+    shed = admit(snapshot(queued_samples=64, drain_rate=0.0))
+    assert shed is not None and shed.retry_after_s == UNKNOWN_RETRY_AFTER_S
+
+
+def test_a_backlog_that_would_outlast_the_deadline_is_shed_at_once() -> None:
+    # 40 queued + 8 in flight + 1 at 60% of 100 samples/s, plus one batch: done at +0.8667 s.
+    args = {"queued_samples": 40, "in_flight_samples": 8, "drain_rate": 100.0, "batch_s": 0.05}
+    assert admit(snapshot(**args, deadline_at=100.867)) is None
+    shed = admit(snapshot(**args, deadline_at=100.866))
+    assert shed is not None and shed.reason == "deadline"
+    assert "past this request's deadline" in shed.message
+    assert shed.retry_after_s == pytest.approx(0.4)  # until the 40 queued have drained
+
+
+def test_drain_rate_counts_busy_time_only() -> None:
+    drain = DrainEstimate()
+    drain.record(now=10.0, dispatched_at=9.9, samples=8)  # 8 in 0.1 s
+    assert drain.rate == pytest.approx(80.0) and drain.batch_s == pytest.approx(0.1)
+    drain.record(now=60.0, dispatched_at=59.9, samples=8)  # 50 s idle in between: left out
+    assert drain.rate == pytest.approx(80.0)
+    drain.record(now=60.05, dispatched_at=59.95, samples=8)  # pipelined: since the last answer
+    assert drain.rate == pytest.approx(0.8 * 80.0 + 0.2 * 160.0)
+
+
+def test_drain_rate_is_unknown_until_a_batch_took_time() -> None:
+    drain = DrainEstimate()
+    drain.record(now=5.0, dispatched_at=5.0, samples=4)
+    assert drain.rate == 0.0 and drain.batch_s == 0.0
+
+
+def make_queue(ex: FakeExecutor, clock: FakeClock, limit: int = 64) -> BatchQueue:
+    cfg = BatchingConfig(max_batch_size=4, max_delay_ms=5.0, max_queue_size=limit, timeout_ms=1e3)
+    return BatchQueue("m", cfg, ex, clock, asyncio.get_running_loop(), Metrics())
+
+
+def make_request(clock: FakeClock, timeout_s: float) -> PendingRequest:
+    future: asyncio.Future[RequestResult] = asyncio.get_running_loop().create_future()
+    x = np.zeros((1, 1), np.float32)
+    return PendingRequest({"input": x}, 1, False, clock.now(), clock.now() + timeout_s, future)
+
+
+async def test_the_queue_sheds_what_its_measured_backlog_would_make_late() -> None:
+    clock, ex = FakeClock(), FakeExecutor(slots=1)
+    q = make_queue(ex, clock)
+    for _ in range(3):  # three batches of 4, 0.1 s each: 40 samples/s
+        for _ in range(4):
+            q.submit(make_request(clock, 10.0))
+        await asyncio.sleep(0)
+        clock.advance(0.1)
+        ex.finish()
+    await asyncio.sleep(0)
+    for _ in range(4):  # in flight
+        q.submit(make_request(clock, 10.0))
+    await asyncio.sleep(0)
+    for _ in range(8):  # queued: 12 samples ahead of the next request, about 0.54 s at 60%
+        q.submit(make_request(clock, 10.0))
+    with pytest.raises(Overloaded, match="past this request's deadline") as info:
+        q.submit(make_request(clock, 0.2))
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+    q.submit(make_request(clock, 1.0))  # a looser deadline is still admitted
+
+
+async def test_refuse_early_needs_room_for_one_sample_and_an_open_queue() -> None:
+    clock, ex = FakeClock(), FakeExecutor(slots=0)
+    q = make_queue(ex, clock, limit=2)
+    q.refuse_early()
+    q.submit(make_request(clock, 1.0))
+    q.submit(make_request(clock, 1.0))
+    with pytest.raises(Overloaded):
+        q.refuse_early()
+    q.close()
+    with pytest.raises(ShuttingDown):
+        q.refuse_early()
+
+
+async def test_a_queued_request_no_batch_could_answer_in_time_is_never_computed() -> None:
+    clock, ex = FakeClock(), FakeExecutor(slots=1)
+    q = make_queue(ex, clock)
+    q.submit(make_request(clock, 10.0))
+    await asyncio.sleep(0)
+    clock.advance(0.1)
+    ex.finish()  # a batch takes 0.1 s
+    q.submit(make_request(clock, 10.0))
+    await asyncio.sleep(0)  # takes the slot
+    doomed = make_request(clock, 0.25)
+    q.submit(doomed)
+    clock.advance(0.149)
+    await asyncio.sleep(0)
+    assert not doomed.future.done()
+    clock.advance(0.002)  # 0.099 s left: less than a batch takes
+    await asyncio.sleep(0)
+    with pytest.raises(DeadlineExceeded, match="would pass before its batch finished"):
+        await doomed.future
+    ex.finish()
+    await asyncio.sleep(0)
+    assert all(doomed not in b.requests for b in ex.dispatched)
