@@ -50,6 +50,7 @@ class BatchQueue:
         self._queued_samples = 0
         self._in_flight_samples = 0
         self._pump_scheduled = False
+        self._pumping = False
         self._timer: Timer | None = None
         self._timer_at = float("inf")
         self._closed = False
@@ -62,7 +63,7 @@ class BatchQueue:
         self._retries: deque[list[PendingRequest]] = deque()
         self._idle = asyncio.Event()
         self._idle.set()
-        dispatcher.add_capacity_listener(self._schedule_pump)
+        dispatcher.add_capacity_listener(self._on_capacity)
 
     @property
     def queued_samples(self) -> int:
@@ -144,7 +145,22 @@ class BatchQueue:
             self._pump_scheduled = True
             self._loop.call_soon(self._pump)
 
+    def _on_capacity(self) -> None:
+        # A freed slot is filled at once, not after the handlers its batch just woke: those
+        # write their responses first, and the executor would idle all that while.
+        if self._pumping:
+            self._schedule_pump()
+        else:
+            self._pump()
+
     def _pump(self) -> None:
+        self._pumping = True
+        try:
+            self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         self._pump_scheduled = False
         now = self._clock.now()
         self._expire(now)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Batches in flight per worker. A second slot would stage the next batch while the current one
 # computes, but measured on 2 cores it halves batch sizes and doubles the per-batch system
-# calls, costing more than the idle gap it hides (see docs/benchmarks.md).
+# calls, costing more than the idle gap it hides (README, "Batching").
 SLOTS_PER_WORKER = 1
 MAX_ATTEMPTS = 2  # a batch whose worker died is retried once
 RESPAWN_BACKOFF_S = (0.0, 0.5, 2.0, 5.0)
@@ -257,12 +257,16 @@ class CpuPool:
                 spec.name: view[: batch.samples].copy()
                 for spec, view in zip(specs, outputs, strict=True)
             }
+            # The next batch goes to the worker before this one's answers are written, so the
+            # worker computes while the event loop answers.
+            self._capacity_freed()
             flight.done(batch, BatchDone(result, float(message[2]), self.device))
         else:
-            # The worker reports only the model's own exceptions this way.
+            # The worker reports only the model's own exceptions this way. Answered first, so
+            # that the halves of a poisoned batch take the freed slot ahead of the queue.
             failed = BatchFailed(str(message[2]), str(message[3]), model_raised=True)
             flight.done(batch, failed)
-        self._capacity_freed()
+            self._capacity_freed()
 
     def _on_loaded(self, worker: _Worker, reported: list[Any], failed: list[Any]) -> None:
         batching = {cfg.name: cfg.batching for cfg in self._configs}
