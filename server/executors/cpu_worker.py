@@ -25,7 +25,7 @@ import torch
 from server.errors import ErrorCode
 from server.executors.shm_layout import plan_layout
 from server.executors.worker_entry import WorkerSetup
-from server.models.loading import LoadedModel, ModelLoadError, load_model
+from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
 from server.models.spec import TensorSpec
 from server.routing.profiling import profile_cpu_blocking
 
@@ -158,15 +158,7 @@ def _run_batch(
     with torch.inference_mode():
         result = model.run(inputs)
         for spec, target in outputs:
-            produced = result.get(spec.name)
-            if produced is None:
-                raise ValueError(f"output {spec.name!r} missing from this batch's result")
-            if tuple(produced.shape[1:]) != spec.shape:
-                raise ValueError(
-                    f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "
-                    f"expected {list(spec.shape)}"
-                )
-            target[:samples].copy_(produced)
+            target[:samples].copy_(declared_output(result, spec))
 
 
 def _send(conn: Connection, message: list[Any]) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from server.config import Placement
 from server.executors.cuda import OOM_MESSAGE
-from server.models.loading import LoadedModel
+from server.models.loading import LoadedModel, declared_output
 
 __all__ = ["OOM_MESSAGE", "CudaInstance", "DeviceCap", "Pending", "is_oom", "run_in_chunks"]
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,14 +168,7 @@ class CudaInstance:
     def _forward(self, slot: int, lo: int, hi: int) -> None:
         result = self.model.run([t[lo:hi] for t in self._device_in[slot]])
         for spec, target in zip(self.model.outputs, self._pinned_out[slot], strict=True):
-            produced = result.get(spec.name)
-            if produced is None:
-                raise ValueError(f"output {spec.name!r} missing from this batch's result")
-            if tuple(produced.shape[1:]) != spec.shape:
-                raise ValueError(
-                    f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "
-                    f"expected {list(spec.shape)}"
-                )
+            produced = declared_output(result, spec)
             target[lo:hi].copy_(produced.to(target.dtype), non_blocking=True)
 
     def run_blocking(

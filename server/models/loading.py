@@ -45,6 +45,20 @@ class LoadedModel:
         return result
 
 
+def declared_output(result: dict[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+    """The tensor a batch's result holds for one declared output, checked against its spec:
+    a model whose outputs change from batch to batch fails that batch, not the copy."""
+    produced = result.get(spec.name)
+    if produced is None:
+        raise ValueError(f"output {spec.name!r} missing from this batch's result")
+    if tuple(produced.shape[1:]) != spec.shape:
+        raise ValueError(
+            f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "
+            f"expected {list(spec.shape)}"
+        )
+    return produced
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     try:
         if cfg.format == "builtin":
