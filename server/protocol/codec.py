@@ -39,6 +39,7 @@ _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 # dtype.name costs microseconds on the hot path; a dict lookup on the dtype costs nanoseconds.
 _NAME_OF: dict[np.dtype[Any], str] = {np.dtype(name): name for name in SUPPORTED_DTYPES}
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+_TENSOR_KEYS = frozenset(("dtype", "shape", "data"))
 _REQUEST_KEYS = frozenset(("inputs", "id", "timeout_ms"))
 
 
@@ -108,8 +109,17 @@ def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
 def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
     """Decode and validate an infer request body (tensors are not yet matched to a model)."""
     obj = decode(body, encoding, limits)
-    if encoding == MSGPACK:
-        _check_depth(obj, limits.max_depth)
+    try:
+        return _request_from(obj, encoding, limits)
+    except BadRequest:
+        # Every field of an accepted request is checked by type, so it nests 4 deep at most:
+        # only a refused body can hide deeper nesting, and then that is the fault to name.
+        if encoding == MSGPACK:
+            _check_depth(obj, limits.max_depth)
+        raise
+
+
+def _request_from(obj: Any, encoding: str, limits: Limits) -> InferRequest:
     if not isinstance(obj, dict):
         raise BadRequest(f"body must be a map with an 'inputs' key, got {_kind(obj)}")
     if not _REQUEST_KEYS.issuperset(obj):
@@ -180,6 +190,9 @@ def decode_tensor(
     """One wire tensor to a native-order array (read-only for msgpack: a view of the body)."""
     if not isinstance(obj, dict):
         raise BadRequest(f"{field} must be a map with dtype, shape and data, got {_kind(obj)}")
+    if len(obj) != 3 and not _TENSOR_KEYS.issuperset(obj):
+        unknown = sorted(map(str, obj.keys() - _TENSOR_KEYS))
+        raise BadRequest(f"{field} has unknown key(s) {unknown}; a tensor has dtype, shape, data")
     dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
     dtype = _WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
@@ -188,10 +201,9 @@ def decode_tensor(
         )
     elements = _check_shape(shape, field, limits, limits.max_elements if budget is None else budget)
     if encoding == MSGPACK:
-        arr = _array_from_bytes(data, dtype, elements, field)
+        arr = _array_from_bytes(data, dtype, shape, elements, field)
     else:
-        arr = _array_from_list(data, dtype, elements, field)
-    arr = arr.reshape(shape)
+        arr = _array_from_list(data, dtype, elements, field).reshape(shape)
     if dtype_name == "bool" and arr.size and arr.view(np.uint8).max() > 1:
         raise BadRequest(f"{field}.data holds bytes other than 0 and 1 for dtype bool")
     return arr
@@ -220,14 +232,17 @@ def _check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
     return elements
 
 
-def _array_from_bytes(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
-    if not isinstance(data, bytes):
+def _array_from_bytes(
+    data: Any, dtype: np.dtype[Any], shape: Any, elements: int, field: str
+) -> np.ndarray:
+    if type(data) is not bytes:
         raise BadRequest(f"{field}.data must be binary (msgpack bin), got {_kind(data)}")
     expected = elements * dtype.itemsize
     if len(data) != expected:
         raise BadRequest(f"{field}.data has {len(data)} bytes; its shape and dtype need {expected}")
-    arr = np.frombuffer(data, dtype=dtype)
-    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+    # A read-only view of the body in its final shape: one call, no copy.
+    arr = np.ndarray(shape, dtype=dtype, buffer=data)
+    return arr if not _BIG_ENDIAN_HOST else arr.astype(dtype.newbyteorder("="))
 
 
 def _array_from_list(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
