@@ -21,8 +21,7 @@ from server.clock import MonotonicClock
 from server.config import Config
 from server.errors import ShuttingDown
 from server.executors.cpu_pool import CpuPool, PoolStartError
-from server.http.app import create_app
-from server.http.handlers import DEVICES
+from server.http.app import create_server
 from server.http.state import Endpoint, Phase, ServerState
 from server.http.unix_socket import bind_unix_socket
 from server.metrics import Metrics
@@ -49,15 +48,10 @@ async def serve(config: Config) -> int:
             max_str_bytes=settings.max_msgpack_str_bytes,
         ),
     )
-    devices = Devices(config, state.clock)  # the GPUs, if any, and the router
-    app = create_app(state)
-    app[DEVICES] = devices
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        handler_cancellation=True,  # a client that hangs up cancels its queued request
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-    )
+    devices = state.devices = Devices(config, state.clock)
+    access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
+    server = create_server(state, access_log=access_log)
+    runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     try:
         await _listen(runner, config)
@@ -97,7 +91,7 @@ async def serve(config: Config) -> int:
     return 0
 
 
-async def _listen(runner: web.AppRunner, config: Config) -> None:
+async def _listen(runner: web.ServerRunner, config: Config) -> None:
     settings = config.server
     site: web.BaseSite
     if settings.uds:

@@ -112,6 +112,9 @@ def test_bench_medians_ratios_and_tables() -> None:
         _m(0, "echo", 5000, 0.5),
         _m(1, "echo", 4000, 0.7),
         _m(2, "echo", 4500, 0.6),
+        _m(0, "app_echo", 3000, 0.6),
+        _m(1, "app_echo", 3200, 0.6),
+        _m(2, "app_echo", 2800, 0.6),
         _m(0, "unbatched", 500, 2.0),
         _m(1, "unbatched", 600, 2.2, behind=True),
         _m(2, "unbatched", 400, 2.1),
@@ -129,6 +132,7 @@ def test_bench_medians_ratios_and_tables() -> None:
     r = ratios(summary, loop)["mlp"]
     assert r["default_vs_model_ceiling"] == pytest.approx(2400 / 4000)
     assert r["default_vs_http_ceiling"] == pytest.approx(2400 / 4500)
+    assert r["default_vs_app_echo"] == pytest.approx(2400 / 3000)
     assert r["unbatched_vs_model_batch1"] == pytest.approx(500 / 1000)
     assert r["batched_vs_unbatched"] == pytest.approx(2400 / 500)
     assert r["added_latency_unbatched_ms"] == pytest.approx(2.1 - (0.6 + 1.0))
@@ -140,7 +144,7 @@ def test_bench_medians_ratios_and_tables() -> None:
               "model_loop": loop, "ratios": ratios(summary, loop)}  # fmt: skip
     text = bench_markdown(result)
     assert "| mlp | server, default config | 2,400 | 2,000 - 3,000 | 2.00 | 4.00 | 2.400 |" in text
-    assert "| mlp | 0.60x | 0.53x | 0.50x | 0.11x | 4.80x | 0.500 | 0.800 |" in text
+    assert "| mlp | 0.60x | 0.53x | 0.80x | 0.50x | 0.11x | 4.80x | 0.500 | 0.800 |" in text
     assert "fell behind" in text
 
 

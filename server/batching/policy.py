@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per batch formed, and frozen costs 4x to build
 class QueueSnapshot:
     now: float
     queued_samples: int

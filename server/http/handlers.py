@@ -1,8 +1,8 @@
 """HTTP handlers: decode, validate, queue, await the batch, encode. Errors become responses in
 one place (`error_response`), in the request's own encoding.
 
-Event loop only; no torch. The infer handler is the hot path, so there is no middleware:
-wrong methods and unknown paths have catch-all routes of their own instead.
+Event loop only; no torch. The infer handler is the hot path. Each handler takes the server
+state and aiohttp's low-level request; app.py maps paths to them.
 """
 
 from __future__ import annotations
@@ -36,11 +36,8 @@ from server.protocol.codec import (
     encoding_of,
     error_body,
 )
-from server.routing.devices import Devices
 
 log = logging.getLogger(__name__)
-STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
-DEVICES: web.AppKey[Devices] = web.AppKey("devices", Devices)
 
 
 def reply_encoding(request: web.BaseRequest) -> str:
@@ -67,10 +64,8 @@ def error_response(
     )
 
 
-async def infer(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web.Response:
     started = state.clock.now()
-    model = request.match_info["model"]
     encoding: str | None = None
     try:
         encoding = encoding_of(request.headers.get("Content-Type", ""))
@@ -98,7 +93,7 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def _infer(
-    state: ServerState, request: web.Request, model: str, encoding: str, started: float
+    state: ServerState, request: web.BaseRequest, model: str, encoding: str, started: float
 ) -> tuple[RequestResult, str | None]:
     endpoint = state.endpoints.get(model)
     if endpoint is None:
@@ -141,10 +136,9 @@ def _not_serving(state: ServerState) -> ServingError:
     return NotReady(f"the server is {state.phase.value}; retry when /readyz answers 200")
 
 
-async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def list_models(state: ServerState, request: web.BaseRequest) -> web.Response:
     pool = state.pool
-    devices = request.app.get(DEVICES)
+    devices = state.devices
     models: list[dict[str, Any]] = []
     for cfg in state.config.models:
         endpoint = state.endpoints.get(cfg.name)
@@ -192,12 +186,11 @@ async def list_models(request: web.Request) -> web.Response:
     return _plain(request, {"models": models, "executors": executors})
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(state: ServerState, request: web.BaseRequest) -> web.Response:
     return _plain(request, {"status": "alive"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
     body: dict[str, Any] = {"status": state.phase.value}
     if state.failure:
         body["reason"] = state.failure
@@ -206,20 +199,19 @@ async def readyz(request: web.Request) -> web.Response:
     return _plain(request, body, status=200 if state.phase is Phase.READY else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    text = request.app[STATE].metrics.render()
+async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:
+    text = state.metrics.render()
     return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-def _plain(request: web.Request, body: Any, status: int = 200) -> web.Response:
+def _plain(request: web.BaseRequest, body: Any, status: int = 200) -> web.Response:
     encoding = reply_encoding(request)
     return web.Response(
         status=status, body=encode(body, encoding), content_type=CONTENT_TYPE_OF[encoding]
     )
 
 
-async def method_not_allowed(request: web.Request) -> web.Response:
-    allowed = "GET" if request.path in _GET_PATHS else "POST"
+def method_not_allowed(request: web.BaseRequest, allowed: str) -> web.Response:
     error = error_for_code(
         ErrorCode.METHOD_NOT_ALLOWED.value,
         f"{request.method} is not allowed on {request.path}; use {allowed}",
@@ -227,11 +219,8 @@ async def method_not_allowed(request: web.Request) -> web.Response:
     return error_response(error, reply_encoding(request), {"Allow": allowed})
 
 
-async def not_found(request: web.Request) -> web.Response:
+def not_found(request: web.BaseRequest) -> web.Response:
     error = error_for_code(
         ErrorCode.NOT_FOUND.value, f"no such endpoint: {request.method} {request.path}"
     )
     return error_response(error, reply_encoding(request))
-
-
-_GET_PATHS = frozenset(("/v1/models", "/healthz", "/readyz", "/metrics"))

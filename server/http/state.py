@@ -15,6 +15,7 @@ from server.executors.cpu_pool import CpuPool
 from server.executors.model_info import ModelInfo
 from server.metrics import Metrics
 from server.protocol.codec import Limits
+from server.routing.devices import Devices
 
 
 class Phase(str, Enum):
@@ -37,6 +38,7 @@ class ServerState:
     metrics: Metrics
     limits: Limits
     pool: CpuPool | None = None
+    devices: Devices | None = None  # the GPUs, if any, and the router
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     phase: Phase = Phase.STARTING
     failure: str = ""

@@ -1,5 +1,6 @@
-"""`microbatch bench`: the model ceiling (raw model loop), the HTTP ceiling (bare echo server),
-the server unbatched and the server as configured by default, for each built-in model:
+"""`microbatch bench`: the model ceiling (raw model loop), the HTTP ceiling (bare echo server;
+also through aiohttp's Application, for reference), the server unbatched and the server as
+configured by default, for each built-in model:
 saturation throughput, latency at half of saturation, lone-request latency, in interleaved
 rounds (the machine is noisy: medians, not single runs).
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from server.config import WorkersConfig
 from server.loadgen.bench_summary import (
+    APP_ECHO,
     CONFIGS,
     DEFAULT,
     ECHO,
@@ -50,6 +52,7 @@ Log = Callable[[str], None]
 ONE_PROCESS_RPS = 2000.0
 SERVER_ARGS: dict[str, tuple[list[str], str | None]] = {
     ECHO: (echo_argv(), None),
+    APP_ECHO: (echo_argv("--app"), None),
     UNBATCHED: (microbatch_argv("--max-batch-size", "1"), MICROBATCH_READY),
     DEFAULT: (microbatch_argv(), MICROBATCH_READY),
 }

@@ -13,10 +13,11 @@ from typing import Any
 
 from server.loadgen.markdown import number, table
 
-ECHO, UNBATCHED, DEFAULT = "echo", "unbatched", "default"
-CONFIGS: tuple[str, ...] = (ECHO, UNBATCHED, DEFAULT)
+ECHO, APP_ECHO, UNBATCHED, DEFAULT = "echo", "app_echo", "unbatched", "default"
+CONFIGS: tuple[str, ...] = (ECHO, APP_ECHO, UNBATCHED, DEFAULT)
 LABELS = {
-    ECHO: "HTTP ceiling (bare aiohttp echo)",
+    ECHO: "HTTP ceiling (bare echo, aiohttp low-level server as microbatch uses)",
+    APP_ECHO: "reference: the same echo through aiohttp's Application and router",
     UNBATCHED: "server, batching off (max_batch_size 1)",
     DEFAULT: "server, default config",
 }
@@ -99,6 +100,7 @@ def ratios(
         out[model] = {
             "default_vs_model_ceiling": _ratio(sat[DEFAULT], ceiling),
             "default_vs_http_ceiling": _ratio(sat[DEFAULT], sat[ECHO]),
+            "default_vs_app_echo": _ratio(sat[DEFAULT], sat[APP_ECHO]),
             "unbatched_vs_model_batch1": _ratio(sat[UNBATCHED], one_sps),
             "unbatched_vs_http_ceiling": _ratio(sat[UNBATCHED], sat[ECHO]),
             "batched_vs_unbatched": _ratio(sat[DEFAULT], sat[UNBATCHED]),
@@ -202,6 +204,7 @@ def _ratio_lines(table_ratios: dict[str, dict[str, float | None]]) -> list[str]:
             model,
             _x(r["default_vs_model_ceiling"]),
             _x(r["default_vs_http_ceiling"]),
+            _x(r.get("default_vs_app_echo")),
             _x(r["unbatched_vs_model_batch1"]),
             _x(r["unbatched_vs_http_ceiling"]),
             _x(r["batched_vs_unbatched"]),
@@ -214,6 +217,7 @@ def _ratio_lines(table_ratios: dict[str, dict[str, float | None]]) -> list[str]:
         "model",
         "default / model ceiling",
         "default / HTTP ceiling",
+        "default / Application echo",
         "unbatched / model batch-1",
         "unbatched / HTTP ceiling",
         "batched / unbatched",

@@ -1,5 +1,8 @@
 """The HTTP ceiling, and the generator's test target: a bare aiohttp + uvloop server that decodes
-the msgpack body and answers it back, with no model and no batching. --delay-ms holds each
+the msgpack body and answers it back, with no model and no batching. It runs on aiohttp's
+low-level server, as microbatch does (server/http/app.py), so that the ceiling is the HTTP stack
+microbatch itself runs on; `--app` serves the same through aiohttp's Application and router,
+the usual way to write an aiohttp server (about a third slower per request). --delay-ms holds each
 request that long and --slots limits how many are held at once (a server of known latency and
 capacity). `python -m server.loadgen.echo_server --port 0`; logs "listening on URL" when up.
 
@@ -13,15 +16,18 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 from aiohttp import web
 
+from server.http.app import infer_model
 from server.models.builtin import LAYERS, builtin_input_spec
 
 log = logging.getLogger("microbatch.echo")
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -31,11 +37,7 @@ class EchoState:
     answered: int = 0
 
 
-ECHO: web.AppKey[EchoState] = web.AppKey("echo", EchoState)
-
-
-async def infer(request: web.Request) -> web.Response:
-    state = request.app[ECHO]
+async def infer(state: EchoState, request: web.BaseRequest, model: str) -> web.Response:
     arrived = time.monotonic()
     body = msgpack.unpackb(await request.read(), raw=False)
     queue_ms = compute_ms = 0.0
@@ -51,28 +53,22 @@ async def infer(request: web.Request) -> web.Response:
     answer = {
         "outputs": body["inputs"],
         "id": body.get("id"),
-        "model": request.match_info["model"],
+        "model": model,
         "batch_size": 1,
         "device": "echo",
         "queue_ms": queue_ms,
         "compute_ms": compute_ms,
     }
     state.answered += 1
-    return web.Response(
-        body=msgpack.packb(answer, use_bin_type=True), content_type="application/msgpack"
-    )
+    return _msgpack(answer)
 
 
-async def list_models(request: web.Request) -> web.Response:
+def list_models() -> web.Response:
     """The built-in models' inputs, so that a load generator can make bodies of their shape."""
     models = [
         {"name": name, "inputs": [s.to_wire() for s in builtin_input_spec(name)]} for name in LAYERS
     ]
     return _msgpack({"models": models})
-
-
-async def stats(request: web.Request) -> web.Response:
-    return _msgpack({"answered": request.app[ECHO].answered})
 
 
 def _msgpack(obj: object) -> web.Response:
@@ -81,17 +77,56 @@ def _msgpack(obj: object) -> web.Response:
     )
 
 
-def create_app(delay_ms: float, slots: int) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[ECHO] = EchoState(delay_ms / 1000.0, asyncio.Semaphore(slots) if slots > 0 else None)
-    app.router.add_post("/v1/models/{model}/infer", infer)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/stats", stats)
+def low_level_handler(state: EchoState) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
+    async def handle(request: web.BaseRequest) -> web.Response:
+        model = infer_model(request.path)
+        if model is not None and request.method == "POST":
+            return await infer(state, request, model)
+        if request.path == "/v1/models":
+            return list_models()
+        if request.path == "/stats":
+            return _msgpack({"answered": state.answered})
+        return web.Response(status=404)
+
+    return handle
+
+
+_STATE: web.AppKey[EchoState] = web.AppKey("echo", EchoState)
+
+
+def create_app(state: EchoState) -> web.Application:
+    async def app_infer(request: web.Request) -> web.Response:
+        return await infer(request.app[_STATE], request, request.match_info["model"])
+
+    async def app_models(request: web.Request) -> web.Response:
+        return list_models()
+
+    async def app_stats(request: web.Request) -> web.Response:
+        return _msgpack({"answered": request.app[_STATE].answered})
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[_STATE] = state
+    app.router.add_post("/v1/models/{model}/infer", app_infer)
+    app.router.add_get("/v1/models", app_models)
+    app.router.add_get("/stats", app_stats)
     return app
 
 
 async def serve(args: argparse.Namespace) -> int:
-    runner = web.AppRunner(create_app(args.delay_ms, args.slots), access_log=None)
+    state = EchoState(args.delay_ms / 1000.0, asyncio.Semaphore(args.slots) if args.slots else None)
+    runner: web.BaseRunner
+    if args.app:
+        runner = web.AppRunner(create_app(state), access_log=None)
+    else:
+        loop = asyncio.get_running_loop()
+
+        def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> Any:
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=MAX_BODY_BYTES
+            )
+
+        server = web.Server(low_level_handler(state), request_factory=make_request, access_log=None)
+        runner = web.ServerRunner(server)
     await runner.setup()
     if args.uds:
         await web.UnixSite(runner, args.uds).start()
@@ -116,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="hold each request this long")
     parser.add_argument("--slots", type=int, default=0, help="requests held at once (0 = any)")
+    parser.add_argument(
+        "--app",
+        action="store_true",
+        help="serve through aiohttp's Application and router instead of its low-level server",
+    )
     args = parser.parse_args(argv)
     if args.delay_ms < 0 or args.slots < 0:
         parser.error("--delay-ms and --slots must be >= 0")
