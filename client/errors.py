@@ -18,7 +18,8 @@ Runs wherever the client runs (any thread, any event loop); pure Python, no aioh
     │   ├── NotReady             not_ready                503  retried
     │   └── DeadlineExceeded     deadline_exceeded        504  (also a TimeoutError)
     └── TransportError           no usable answer came back
-        ├── ConnectError         could not connect (refused, no such socket): retried
+        ├── ConnectError         could not connect (refused, no such socket), or a reused
+        │                        keep-alive connection closed before any answer: retried
         ├── Timeout              the call's time ran out on this side (also a TimeoutError)
         └── InvalidResponse      an answer that is not the protocol (bad body, wrong request id)
 
@@ -114,7 +115,9 @@ class TransportError(MicrobatchError):
 
 
 class ConnectError(TransportError):
-    """The connection could not be made, so the request was never sent: safe to retry."""
+    """No answer began: the connection could not be made (the request was never sent), or a
+    pooled keep-alive connection was closed or reset by the server before one byte of an answer
+    came (a stale connection; client/transport.py says why a retry is safe). Retried."""
 
     retryable = True
 

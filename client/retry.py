@@ -15,9 +15,10 @@ from dataclasses import dataclass
 class RetryPolicy:
     """Bounded retries with jittered exponential backoff; `AsyncClient(retry=None)` turns them off.
 
-    Only failures marked retryable are retried: 503 overloaded, shutting_down and not_ready, and
-    connections that could not be made (so the request was never sent). A 4xx, a 500 or a 504
-    is never retried, and no retry starts past the call's own timeout.
+    Only failures marked retryable are retried: 503 overloaded, shutting_down and not_ready,
+    connections that could not be made (so the request was never sent), and a reused keep-alive
+    connection the server closed before any byte of an answer. A 4xx, a 500 or a 504 is never
+    retried, and no retry starts past the call's own timeout.
     """
 
     max_retries: int = 3

@@ -3,15 +3,18 @@ socket (unix:///path/to.sock); keep-alive connections are reused across calls.
 
 Runs on the event loop that first uses it (the session is made there, lazily). aiohttp is
 imported on first use (it costs more than the rest of the client to import) and only its client
-parts, never aiohttp.web. aiohttp's exceptions end here, as TransportError.
+parts, never aiohttp.web. aiohttp's exceptions end here, as TransportError (ConnectError for
+the failures a retry cannot repeat: no connection made, or a stale keep-alive connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from client.errors import ConnectError, Timeout, TransportError
@@ -70,7 +73,9 @@ class Transport:
                 )
             else:
                 connector = aiohttp.TCPConnector(limit=self._max_connections)
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = aiohttp.ClientSession(
+                connector=connector, trace_configs=[_reuse_trace()]
+            )
         return self._session
 
     async def request(
@@ -86,6 +91,7 @@ class Transport:
 
         session = self._session_now()
         where = self.address.socket_path or self.address.base_url
+        attempt = _Attempt()
         try:
             async with session.request(
                 method,
@@ -93,7 +99,9 @@ class Transport:
                 data=body,
                 headers=dict(headers),
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
+                trace_request_ctx=attempt,
             ) as response:
+                attempt.answered = True
                 data = await response.read()
                 return Reply(
                     response.status,
@@ -110,6 +118,13 @@ class Transport:
         except aiohttp.ClientConnectorError as exc:
             # Raised while connecting, so the request was never sent: a retry cannot repeat it.
             raise ConnectError(f"{method} {path}: cannot connect to {where}: {exc}") from exc
+        except aiohttp.ClientConnectionError as exc:
+            if attempt.reused and not attempt.answered and _closed_unanswered(exc):
+                raise ConnectError(
+                    f"{method} {path}: {where} closed a reused keep-alive connection before "
+                    f"answering ({type(exc).__name__}: {exc})"
+                ) from exc
+            raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise TransportError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
 
@@ -118,3 +133,51 @@ class Transport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _Attempt:
+    """What one request saw: given to aiohttp as its trace context, filled by the trace hook."""
+
+    __slots__ = ("answered", "reused")
+
+    def __init__(self) -> None:
+        self.reused = False  # sent on a pooled keep-alive connection, not a new one
+        self.answered = False  # the response's status line and headers arrived
+
+
+def _reuse_trace() -> aiohttp.TraceConfig:
+    import aiohttp
+
+    async def on_reuse(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceConnectionReuseconnParams,
+    ) -> None:
+        attempt = context.trace_request_ctx
+        if isinstance(attempt, _Attempt):
+            attempt.reused = True
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(on_reuse)
+    return trace
+
+
+def _closed_unanswered(exc: BaseException) -> bool:
+    """A stale keep-alive connection: the server closed it (FIN) or reset it (RST) before one
+    byte of an answer came. Retried, although a POST is not idempotent, because the server
+    computes a request only after reading its whole body (server/http/handlers.py reads it
+    before decoding or queueing anything): a reset means bytes we sent went unread, so the
+    request was never computed; a close means the server dropped a connection it thought
+    idle (keep-alive expiry, shutdown), or died after reading, and then at worst the model runs
+    twice on the same input, which has no effect beyond the cost: inference is a pure function.
+    """
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        # aiohttp's C parser hands over any partial answer as exc.message (even b"HTT" makes
+        # a message); a string is its own "Server disconnected": not a byte came. (The pure-
+        # Python parser says that in both cases; see above for why a retry is still harmless.)
+        return isinstance(exc.message, str)
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(
+        exc, "errno", None
+    ) in (errno.ECONNRESET, errno.EPIPE)

@@ -1,10 +1,13 @@
 """`microbatch infer`: run one model in this process on a .npy file, the classic CPU/GPU demo.
 
-Runs in the CLI process and imports torch; no server involved.
+Runs in the CLI process and imports torch; no server involved. A bad --input (missing,
+unreadable, or not shaped for the model) or a model that fails to load is a ConfigError, which
+the CLI prints as one `microbatch: ...` line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from server.config import Config, ConfigError, ModelConfig
+from server.errors import BadRequest
 from server.models.matching import match_inputs
 
 if TYPE_CHECKING:
@@ -46,43 +50,76 @@ def _format_sample(row: np.ndarray) -> str:
 def run_infer(
     config: Config, model_name: str, input_path: str, device: str, out: Callable[[str], None]
 ) -> int:
-    import torch
-
-    from server.models.loading import load_model
-
     try:
         cfg = config.model(model_name)
     except KeyError:
         names = ", ".join(m.name for m in config.models)
         raise ConfigError(f"--model {model_name!r} is not configured; known: {names}") from None
-    chosen = pick_device(device, out)
-    model = load_model(cfg)
-    array = np.load(input_path, allow_pickle=False)
-    inputs, _, single = match_inputs(
-        cfg.name, model.inputs, {"input": array}, max(array.shape[0] if array.ndim else 1, 1)
-    )
+    # Read before torch is imported and the model loaded, so that a mistyped path fails at once.
+    array = _read_input(input_path)
+    from server.models.loading import ModelLoadError, load_model
+
+    chosen = pick_device(device, _warn)
+    try:
+        model = load_model(cfg)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    inputs, single = _match_input(cfg.name, model, array, input_path)
     if chosen == "cuda":
         return _run_on_gpu(cfg, model, inputs, single, out)
-    module = model.module.to(chosen) if hasattr(model.module, "to") else model.module
-    model.module = module
+    return _run_on_cpu(model, inputs, single, out)
+
+
+def _run_on_cpu(
+    model: LoadedModel, inputs: dict[str, np.ndarray], single: bool, out: Callable[[str], None]
+) -> int:
+    import torch
+
     tensors = [
-        torch.from_numpy(np.ascontiguousarray(inputs[s.name], dtype=s.np_dtype)).to(chosen)
+        torch.from_numpy(np.ascontiguousarray(inputs[s.name], dtype=s.np_dtype))
         for s in model.inputs
     ]
-    out(f"Processing input on {'GPU' if chosen == 'cuda' else 'CPU'}...")
+    out("Processing input on CPU...")
     with torch.inference_mode():
         model.run(tensors)  # warm-up: the first call pays for lazy initialisation
-        if chosen == "cuda":
-            torch.cuda.synchronize()
         started = time.perf_counter()
         result = model.run(tensors)
-        if chosen == "cuda":
-            torch.cuda.synchronize()
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-    first = next(iter(result.values())).cpu().numpy()
+    first = next(iter(result.values())).numpy()
     out(f"Prediction: {format_prediction(first[0] if single else first, single)}")
     out(f"Inference time: {elapsed_ms:.3f} ms")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _read_input(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read --input {path}: {exc}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        raise ConfigError(f"--input {path} is not a single array (.npy); an .npz is not supported")
+    return array
+
+
+def _match_input(
+    model_name: str, model: LoadedModel, array: np.ndarray, path: str
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The file's array in batch form, or a ConfigError in the server's own words, with the
+    file named where the server would name the request field."""
+    samples = max(array.shape[0] if array.ndim else 1, 1)  # any sample count fits in-process
+    try:
+        inputs, _, single = match_inputs(model_name, model.inputs, {"input": array}, samples)
+    except BadRequest as exc:
+        field = "inputs.input "
+        text = str(exc)
+        if text.startswith(field):
+            raise ConfigError(f"--input {path} {text.removeprefix(field)}") from None
+        raise ConfigError(f"--input {path}: {text}") from None
+    return inputs, single
 
 
 def _run_on_gpu(

@@ -9,6 +9,7 @@ are conditions with bounded timeouts; the one duration asserted is the server's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -364,6 +365,27 @@ def test_split_parts_carry_their_own_ids_and_join_in_order() -> None:
     assert [r.request_id for r in p.requests] == ["big.0", "big.1", "big.2"]
     assert sorted(hit.body["inputs"]["input"]["shape"][0] for hit in double.hits) == [2, 4, 4]
     assert (p.device, p.queue_ms, p.compute_ms) == ("cpu", 0.5, 1.5)
+
+
+def test_split_parts_are_in_flight_together() -> None:
+    parts = 3
+
+    async def answer(double: Double, body: dict[str, Any]) -> web.Response:
+        # Each part is held until all of them are in flight (5 s at most): parts sent one after
+        # another would each wait out the bound alone, and the assertion below names the fault.
+        assert double.release is not None
+        if double.in_flight >= parts:
+            double.release.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(double.release.wait(), 5)
+        return echo(body)
+
+    x = samples(10)
+    with Double(answer, max_batch_size=4) as double, Client(double.url, retry=None) as mb:
+        y = mb.predict("echo", x)
+    np.testing.assert_array_equal(y, x)
+    assert len(double.hits) == parts
+    assert double.max_in_flight == parts > 1
 
 
 def test_several_outputs_need_the_map_form_or_return_info() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import msgpack
 import numpy as np
@@ -162,3 +163,107 @@ def test_decoded_tensor_is_native_order() -> None:
     got = decode_tensor(wire, "x", MSGPACK, LIMITS)
     assert got.dtype.isnative
     np.testing.assert_array_equal(got, np.arange(4))
+
+
+def _json_tensor(dtype: str, shape: list[int], data: object) -> bytes:
+    return json.dumps({"inputs": {"x": {"dtype": dtype, "shape": shape, "data": data}}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "data", "fragment"),
+    [
+        ("int64", [1, 1.5], r"inputs\.x\.data must hold integers for dtype int64, got .*1\.5"),
+        ("int32", [[1], [2.0]], r"inputs\.x\.data must hold integers for dtype int32, got .*2\.0"),
+        ("int64", [True, False], r"inputs\.x\.data must hold integers"),
+        ("int8", [1, 300], r"inputs\.x\.data holds 300, out of range for dtype int8"),
+        ("uint8", [-1, 1], r"inputs\.x\.data holds -1, out of range for dtype uint8"),
+        ("int64", [2**63, 1], r"inputs\.x\.data holds 9223372036854775808, out of range"),
+        ("bool", [0, 2], r"inputs\.x\.data holds 2, out of range for dtype bool \[0, 1\]"),
+        ("bool", [1.0, 0.0], r"inputs\.x\.data must hold true/false \(or 0/1\) for dtype bool"),
+        ("float32", [1.0, 1e39], r"inputs\.x\.data holds a value beyond the range of float32"),
+        ("float32", [-1e39, 0], r"beyond the range of float32"),
+        ("float16", [70000, 0], r"beyond the range of float16"),
+        ("float32", ["1", "2"], r"inputs\.x\.data must hold numbers for dtype float32"),
+        ("float64", [None, 1], r"inputs\.x\.data must hold numbers for dtype float64, got nothing"),
+        ("float32", [10**20, 1], r"inputs\.x\.data holds 100000000000000000000, out of range"),
+    ],
+)
+def test_json_values_must_fit_the_dtype(dtype: str, data: object, fragment: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow is refused, not a RuntimeWarning and inf
+        with pytest.raises(BadRequest, match=fragment):
+            decode_request(_json_tensor(dtype, [2], data), JSON, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "data", "expected"),
+    [
+        ("int64", [1, -2], np.array([1, -2], np.int64)),
+        ("int8", [-128, 127], np.array([-128, 127], np.int8)),
+        ("bool", [True, False], np.array([True, False])),
+        ("bool", [0, 1], np.array([False, True])),
+        ("float32", [1, 2.5], np.array([1, 2.5], np.float32)),
+        ("float32", [3.4e38, -3.4e38], np.array([3.4e38, -3.4e38], np.float32)),
+        ("float32", [1e-50, 0], np.array([0, 0], np.float32)),  # underflow to 0 is no error
+        ("float64", [1e300, 1], np.array([1e300, 1])),
+        ("float32", [1e20, 1], np.array([1e20, 1], np.float32)),
+        ("int64", [2**63 - 1, -(2**63)], np.array([2**63 - 1, -(2**63)], np.int64)),
+    ],
+)
+def test_json_values_that_fit_are_kept(dtype: str, data: object, expected: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = decode_request(_json_tensor(dtype, [2], data), JSON, LIMITS).inputs["x"]
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def _deep(levels: int) -> object:
+    obj: object = 1
+    for _ in range(levels):
+        obj = [obj]
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("obj", "limits", "fragment"),
+    [
+        (
+            {"inputs": {}, "id": "a" * 200},
+            Limits(max_str_bytes=100),
+            r"200 exceeds max_str_len\(100\), the limit set by server\.max_msgpack_str_bytes",
+        ),
+        (
+            {"inputs": {"x": {"dtype": "float32", "shape": [1] * 50, "data": b""}}},
+            Limits(max_items=20),
+            r"50 exceeds max_array_len\(20\), the limit set by server\.max_msgpack_items",
+        ),
+        (
+            {"inputs": {str(i): i for i in range(30)}},
+            Limits(max_items=20),
+            r"30 exceeds max_map_len\(20\), the limit set by server\.max_msgpack_items",
+        ),
+        (
+            {"inputs": {"x": _deep(10)}},
+            Limits(max_depth=4),
+            r"more than 4 deep \(server\.max_msgpack_depth\)",
+        ),
+        (
+            {"inputs": msgpack.ExtType(1, b"ab")},
+            LIMITS,
+            r"max_ext_len\(0\); msgpack ext types are refused",
+        ),
+    ],
+)
+def test_msgpack_limit_refusals_name_the_server_setting(
+    obj: object, limits: Limits, fragment: str
+) -> None:
+    with pytest.raises(BadRequest, match=fragment):
+        decode_request(msgpack.packb(obj), MSGPACK, limits)
+
+
+def test_a_length_beyond_the_body_is_corruption_not_a_setting() -> None:
+    # An array32 header claiming 65536 entries, then 10 bytes: the body bounds it, not a setting.
+    with pytest.raises(BadRequest, match="not valid msgpack") as caught:
+        decode_request(b"\xdd\x00\x01\x00\x00" + b"\x01" * 10, MSGPACK, LIMITS)
+    assert "server." not in str(caught.value) and "truncated or corrupt" in str(caught.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import aiohttp
 import msgpack
@@ -12,7 +13,7 @@ import pytest
 
 from server.models.builtin import reference_forward
 from tests.conftest import infer_json, infer_msgpack, output_array, request, tensor
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, start_server
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -171,8 +172,6 @@ def test_unknown_path_is_404(default_server: ServerProcess) -> None:
 
 
 def test_oversized_body_is_413() -> None:
-    from tests.server_process import start_server
-
     with start_server("--model", "linear", env={"MICROBATCH_SERVER_MAX_BODY_BYTES": "1000"}) as s:
         raw = packed({"x": tensor(np.zeros((30, 10), np.float32))})
         status, _, body = bad(s.url, "linear", raw)
@@ -241,30 +240,75 @@ async def test_thousands_of_concurrent_requests_each_get_their_own_answer(
     assert max(batch_sizes) > 1  # they really were batched together
 
 
-async def test_malformed_requests_do_not_harm_concurrent_good_ones(
-    default_server: ServerProcess,
-) -> None:
+@dataclass(frozen=True)
+class BadCall:
+    """One bad request and the exact answer it must get."""
+
+    case: str
+    model: str
+    raw: bytes
+    status: int
+    code: str
+    content_type: str = "application/msgpack"
+    method: str = "POST"
+
+
+# The concurrent mix: every refused case above (an unknown model among them), plus the
+# refusals that come before decoding.
+SMALL_BODY_BYTES = 4096
+OVERSIZED = BadCall(
+    "oversized body",
+    "linear",
+    packed({"x": tensor(np.zeros((SMALL_BODY_BYTES // 40 + 1, 10), np.float32))}),
+    413,
+    "payload_too_large",
+)
+BAD_CALLS = [
+    BadCall(case, model, raw, status, code)
+    for case, model, raw, status, code, _ in MALFORMED
+    if status != 200
+] + [
+    BadCall("wrong content type", "linear", b"hello", 415, "unsupported_media_type", "text/plain"),
+    BadCall("wrong method", "linear", b"", 405, "method_not_allowed", method="GET"),
+    OVERSIZED,
+]
+
+
+async def _send_bad(
+    session: aiohttp.ClientSession, url: str, call: BadCall
+) -> tuple[BadCall, int, str]:
+    headers = {"Content-Type": call.content_type} if call.content_type else {}
+    async with session.request(
+        call.method, f"{url}/v1/models/{call.model}/infer", data=call.raw, headers=headers
+    ) as r:
+        raw = await r.read()
+        reply = msgpack.unpackb(raw) if "msgpack" in r.content_type else json.loads(raw)
+        return call, r.status, reply["error"]["code"]
+
+
+async def test_malformed_requests_do_not_harm_concurrent_good_ones() -> None:
+    # A small body limit, so that the 413 case costs kilobytes; every good request fits in it.
+    env = {"MICROBATCH_SERVER_MAX_BODY_BYTES": str(SMALL_BODY_BYTES)}
     rng = np.random.default_rng(8)
     good = [rng.standard_normal((3, 10)).astype(np.float32) for _ in range(300)]
-    async with aiohttp.ClientSession() as session:
-
-        async def send_bad(raw: bytes) -> int:
-            async with session.post(
-                f"{default_server.url}/v1/models/linear/infer",
-                data=raw,
-                headers={"Content-Type": "application/msgpack"},
-            ) as r:
-                await r.read()
-                return r.status
-
-        bad_raws = [m[2] for m in MALFORMED if m[1] == "linear" and m[3] != 200] * 10
-        results = await asyncio.gather(
-            *(_post(session, default_server.url, "linear", x) for x in good),
-            *(send_bad(raw) for raw in bad_raws),
-        )
+    bad_calls = BAD_CALLS * 10
+    assert len(packed({"x": tensor(good[0])})) < SMALL_BODY_BYTES < len(OVERSIZED.raw)
+    with start_server("--model", "linear", env=env) as server:
+        # Bad requests on connections of their own: a refused body may end its connection, and
+        # a good request must not be the one to find that out on a reused connection.
+        bad_connector = aiohttp.TCPConnector(force_close=True)
+        async with (
+            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(connector=bad_connector) as bad_session,
+        ):
+            results = await asyncio.gather(
+                *(_post(session, server.url, "linear", x) for x in good),
+                *(_send_bad(bad_session, server.url, call) for call in bad_calls),
+            )
     for x, (status, body) in zip(good, results[: len(good)], strict=True):
         assert status == 200, body
         np.testing.assert_allclose(
             output_array(body), reference_forward("linear", x), rtol=RTOL, atol=ATOL
         )
-    assert all(400 <= s < 500 for s in results[len(good) :])
+    for call, status, code in results[len(good) :]:
+        assert (status, code) == (call.status, call.code), call.case

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,9 @@ class InferRequest:
 
 def encoding_of(content_type: str) -> str:
     """`msgpack` or `json` for a Content-Type (parameters ignored); 415 for anything else."""
+    exact = _CONTENT_TYPES.get(content_type)  # the usual case, without parsing
+    if exact is not None:
+        return exact
     base = content_type.split(";", 1)[0].strip().lower()
     try:
         return _CONTENT_TYPES[base]
@@ -103,7 +107,35 @@ def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
     except RecursionError:
         raise BadRequest(f"body is not valid {encoding}: nested too deeply") from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
+        if encoding == MSGPACK and limits is not None and isinstance(exc, ValueError):
+            raise BadRequest(_msgpack_refusal(str(exc) or type(exc).__name__, limits)) from None
         raise BadRequest(f"body is not valid {encoding}: {exc}") from None
+
+
+# msgpack's words for a length over a bound given to unpackb, e.g. "5000 exceeds max_str_len(4096)".
+_OVER_BOUND = re.compile(r"\d+ exceeds max_(str|bin|array|map|ext)_len\((\d+)\)")
+# The Limits field behind each bound, and the server setting that fills it (server/lifecycle.py).
+_SETTING_OF = {
+    "str": ("max_str_bytes", "server.max_msgpack_str_bytes"),
+    "array": ("max_items", "server.max_msgpack_items"),
+    "map": ("max_items", "server.max_msgpack_items"),
+}
+
+
+def _msgpack_refusal(text: str, limits: Limits) -> str:
+    """A refused msgpack body explained: which setting a length ran into, or that the body is
+    corrupt (a length beyond the body's own size). Error path only; msgpack's words are kept."""
+    match = _OVER_BOUND.fullmatch(text)
+    if match is None:
+        return f"body is not valid msgpack: {text}"
+    kind, bound = match.group(1), int(match.group(2))
+    if kind == "ext":
+        return f"body is not accepted: {text}; msgpack ext types are refused"
+    setting = _SETTING_OF.get(kind)
+    if setting is not None and bound == getattr(limits, setting[0]):
+        return f"body is not accepted: {text}, the limit set by {setting[1]}"
+    # decode() also bounds every length by the body's size: claiming more means it is cut short.
+    return f"body is not valid msgpack: {text}, the body's own length (truncated or corrupt?)"
 
 
 def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
@@ -142,7 +174,9 @@ def _check_depth(obj: Any, limit: int) -> None:
         node, depth = stack.pop()
         children = node.values() if isinstance(node, dict) else node
         if depth > limit:
-            raise BadRequest(f"body nests maps and arrays more than {limit} deep")
+            raise BadRequest(
+                f"body nests maps and arrays more than {limit} deep (server.max_msgpack_depth)"
+            )
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
@@ -251,12 +285,79 @@ def _array_from_list(data: Any, dtype: np.dtype[Any], elements: int, field: str)
     if not isinstance(data, list):
         raise BadRequest(f"{field}.data must be a (flat or nested) list in JSON, got {_kind(data)}")
     try:
-        arr = np.array(data, dtype=dtype.newbyteorder("="))
+        # Read in the values' own kind, then cast (about the cost of one direct parse, measured):
+        # np.array(data, dtype) would truncate 1.5 to 1, read 2 as True, parse "1" as a number
+        # and overflow 1e39 to inf with only a RuntimeWarning.
+        raw = np.array(data)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"{field}.data is not a regular list of {dtype.name}: {exc}") from None
-    if arr.size != elements:
-        raise BadRequest(f"{field}.data has {arr.size} elements; its shape needs {elements}")
-    return arr.reshape(-1)
+    if raw.size != elements:
+        raise BadRequest(f"{field}.data has {raw.size} elements; its shape needs {elements}")
+    return _fit(raw, dtype.newbyteorder("="), data, field).reshape(-1)
+
+
+# The kinds of JSON value (as numpy reads a list of them) that each kind of dtype takes.
+_ACCEPTS = {"b": "biu", "i": "iu", "u": "iu", "f": "iuf"}
+_WANTS = {"b": "true/false (or 0/1)", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _fit(raw: np.ndarray, dtype: np.dtype[Any], data: list[Any], field: str) -> np.ndarray:
+    """`raw` (numpy's reading of a JSON list) cast to `dtype` if every value fits it: integers
+    in range for integer dtypes, true/false or 0/1 for bool, numbers within range for floats.
+    numpy promotes a list that mixes kinds first (true among numbers reads as 1)."""
+    kind, target = raw.dtype.kind, dtype.kind
+    if raw.size == 0 or raw.dtype == dtype:
+        return raw.astype(dtype, copy=False)  # an empty list reads as float64: nothing to fit
+    if kind not in _ACCEPTS[target]:
+        raise _misfit(data, dtype, field)
+    if target in "biu":
+        low, high = _range(dtype)
+        if raw.min() < low or raw.max() > high:
+            raise _misfit(data, dtype, field)
+    elif dtype.itemsize < 8:  # float16 or float32: a finite value may overflow to inf
+        try:
+            with np.errstate(over="raise"):
+                return raw.astype(dtype)
+        except FloatingPointError:
+            limit = float(np.finfo(dtype).max)
+            raise BadRequest(
+                f"{field}.data holds a value beyond the range of {dtype.name} (+-{limit:.4g})"
+            ) from None
+    return raw.astype(dtype)
+
+
+def _range(dtype: np.dtype[Any]) -> tuple[int, int]:
+    if dtype.kind == "b":
+        return 0, 1
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _misfit(data: list[Any], dtype: np.dtype[Any], field: str) -> BadRequest:
+    """The error for a list whose values do not fit `dtype`, naming the first that does not.
+    Only on the error path, so a plain walk; iterative, as JSON may nest deeper than a shape.
+    For float dtypes an integer must still fit 64 bits: numpy reads a larger one as an object."""
+    wants = f"{field}.data must hold {_WANTS[dtype.kind]} for dtype {dtype.name}"
+    low, high = _range(dtype) if dtype.kind in "biu" else (-(2**63), 2**64 - 1)
+    numbers = int if dtype.kind in "biu" else (int, float)
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, numbers):
+                return BadRequest(f"{wants}, got {_kind(item)}")
+            if isinstance(item, int) and not low <= item <= high:
+                where = (
+                    f"dtype {dtype.name} [{low}, {high}]"
+                    if dtype.kind in "biu"
+                    else "a 64-bit integer (send it as a float)"
+                )
+                return BadRequest(f"{field}.data holds {item}, out of range for {where}")
+        else:
+            stack.pop()
+    return BadRequest(wants)  # every value on its own fits: only a list of booleans gets here
 
 
 def encode_tensor(arr: np.ndarray, encoding: str) -> dict[str, Any]:
