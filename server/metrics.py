@@ -97,6 +97,7 @@ class Metrics(Collector):
             lambda: _LazyHistogram(BATCH_SIZE_BUCKETS)
         )
         self.worker_restarts = 0
+        self.batch_retries = 0  # batches run again because their worker died
         self._gauges: list[tuple[str, str, str, Callable[[], dict[str, float]]]] = []
         self._labelled_gauges: list[LabelledGauge] = []
         self.registry.register(self)
@@ -171,6 +172,11 @@ class Metrics(Collector):
         )
         restarts.add_metric([], self.worker_restarts)
         yield restarts
+        retries = CounterMetricFamily(
+            "microbatch_batch_retries", "Batches run again because their worker died."
+        )
+        retries.add_metric([], self.batch_retries)
+        yield retries
         yield _histogram(
             "microbatch_request_latency_seconds",
             "Time from a request's admission to its answer.",

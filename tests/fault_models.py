@@ -40,6 +40,20 @@ class FailsWarmUp(torch.nn.Module):
         return x
 
 
+ONE_ROW = 555.0  # a batch holding a sample whose first value is this gets one output row
+
+
+class OneRow(torch.nn.Module):
+    """y = 2x on float32[2], except that a batch holding a sample whose first value is ONE_ROW
+    gets only its first row back (shape [1, 2] for a batch of n): the model that, unchecked,
+    would broadcast one answer to every request of its batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == 555.0).any()):  # ONE_ROW
+            return x[:1] * 2.0
+        return x * 2.0
+
+
 def save(module: torch.nn.Module, path: Path) -> Path:
     torch.jit.save(torch.jit.script(module), str(path))
     return path

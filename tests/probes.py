@@ -49,12 +49,19 @@ def queued(server: ServerProcess, model: str) -> float:
     return metric(server, f'microbatch_queue_depth{{model="{model}"}}')
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory now (VmRSS), or the most it ever held (field="VmHWM")."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The high-water mark of a process's resident memory: a peak between two readings of
+    VmRSS shows here, though both readings miss it."""
+    return rss_bytes(pid, "VmHWM")
 
 
 def work(value: float, rounds: int = 0, samples: int | None = None) -> np.ndarray:
@@ -70,12 +77,14 @@ class Answer:
     body: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    latency_s: float = 0.0  # as the client saw it: from sending to the whole answer read
 
 
 async def send(
     session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray, **extra: object
 ) -> Answer:
     payload = msgpack.packb({"inputs": {"x": tensor(x)}, **extra})
+    started = time.monotonic()
     try:
         async with session.post(
             f"{url}/v1/models/{model}/infer", data=payload, headers=MSGPACK
@@ -84,10 +93,11 @@ async def send(
             headers = dict(response.headers)
             status = response.status
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return Answer(-1, error=type(exc).__name__)
+        return Answer(-1, error=type(exc).__name__, latency_s=time.monotonic() - started)
+    latency_s = time.monotonic() - started
     body = msgpack.unpackb(raw)
     code = body["error"]["code"] if "error" in body else "ok"
-    return Answer(status, code, body, headers)
+    return Answer(status, code, body, headers, latency_s=latency_s)
 
 
 def tally(answers: list[Answer]) -> dict[str, int]:

@@ -58,6 +58,39 @@ def test_a_gpu_that_always_wins() -> None:
     assert summary.recommendation.startswith("cuda:0 wins at every measured batch size")
 
 
+def test_every_gpu_counts_not_only_the_first() -> None:
+    # cuda:0 never beats the CPU; cuda:1 does from 16 on (1 + 0.01 n against 0.1 + 0.1 n).
+    cpu, slow, fast = (
+        measured("cpu", 0.1, 0.1),
+        measured("cuda:0", 5.0, 0.1),
+        measured("cuda:1", 1.0, 0.01),
+    )
+    summary = summarize(cpu + slow + fast)
+    assert summary.devices == ["cpu", "cuda:0", "cuda:1"]
+    assert [r.winner for r in summary.rows] == ["cpu"] * 4 + ["cuda:1"] * 2
+    assert summary.crossover == 16
+    assert summary.crossovers == {"cuda:0": None, "cuda:1": 16}
+    assert "finish sooner on cuda:1" in summary.recommendation
+    assert len(format_table(summary)[0].split("|")) == 5  # batch, 3 devices, winner
+    assert to_json(summary, {})["crossover_batch_size_by_device"] == summary.crossovers
+
+
+def test_the_crossover_follows_the_fastest_gpu_at_each_size() -> None:
+    # cuda:0 wins from 4 to 16 but not at 32; cuda:1 only at 32: neither alone beats the CPU
+    # from 4 on, the two together do.
+    cpu = measured("cpu", 0.1, 0.1)
+    first = [
+        m if m.samples != 32 else Measurement("cuda:0", 32, 10.0, 10.0, 10.0, 3)
+        for m in measured("cuda:0", 0.35, 0.02)
+    ]
+    second = measured("cuda:1", 2.0, 0.01)
+    summary = summarize(cpu + first + second)
+    winners = ["cpu", "cpu", "cuda:0", "cuda:0", "cuda:0", "cuda:1"]
+    assert [r.winner for r in summary.rows] == winners
+    assert summary.crossover == 4
+    assert summary.crossovers == {"cuda:0": None, "cuda:1": 32}
+
+
 def test_without_a_gpu_the_table_is_the_cpu_and_says_so() -> None:
     summary = summarize(measured("cpu", 0.1, 0.1))
     assert summary.devices == ["cpu"] and summary.crossover is None
@@ -123,9 +156,11 @@ def test_compare_runs_here_and_writes_json_and_a_plot(tmp_path: Path) -> None:
     assert all(r["cpu"]["runs"] == 3 and r["cpu"]["median_ms"] > 0 for r in doc["rows"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if torch.cuda.is_available():
-        assert "cuda:0" in doc["devices"]
+        visible = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        assert doc["devices"] == ["cpu", *visible]  # every visible GPU, not only the first
+        assert list(doc["gpus"]) == visible
     else:
-        assert doc["devices"] == ["cpu"] and doc["gpu"] is None
+        assert doc["devices"] == ["cpu"] and doc["gpu"] is None and doc["gpus"] == {}
         assert "GPU: none found" in result.stdout
         assert "no CUDA GPU found" in result.stdout
 

@@ -1,8 +1,9 @@
 """The CUDA executor and the GPU worker's serving loop, on any machine: the real CudaExecutor
 (event loop side) spawns a stand-in worker that speaks the real protocol and serves through the
 real `cuda_worker._serve_blocking` lanes, with fake model instances that compute `2 * x` on the
-CPU. Covers start-up, staging, slots per instance, results, the OOM failure, the cap report and
-a worker that dies. The device itself is tested in test_cuda.py."""
+CPU. Covers start-up, staging, slots per instance, results, the OOM failure, the cap report, a
+worker that dies, and a sticky CUDA error (device-lost: the worker exits, its batches go to the
+CPU). The device itself is tested in test_cuda.py."""
 
 from __future__ import annotations
 
@@ -54,18 +55,35 @@ class FakeModel:
     outputs: tuple[TensorSpec, ...] = (OUT,)
 
 
+STICKY = 555.0  # a sample with this value meets a sticky CUDA error at launch
+STICKY_LATE = 556.0  # ... or when its batch is waited on (an asynchronous kernel error)
+STUCK = 777.0  # a batch with this value stays in flight until the worker exits
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
 class FakePending:
-    def __init__(self, samples: int, outputs: list[Any], release: threading.Event) -> None:
-        self.samples, self.outputs, self._release = samples, outputs, release
+    def __init__(
+        self,
+        samples: int,
+        outputs: list[Any],
+        release: threading.Event,
+        error: BaseException | None = None,
+    ) -> None:
+        self.samples, self.outputs, self._release, self._error = samples, outputs, release, error
 
     def wait_blocking(self) -> float:
         self._release.wait(30.0)
+        if self._error is not None:
+            raise self._error
         return 0.002
 
 
 class FakeInstance:
-    """2 * x on the CPU; a -1 anywhere is an OOM at one sample, a 999 kills the process, and a
-    7 lowers the cap to 4 (as a split would)."""
+    """2 * x on the CPU; a -1 anywhere is an OOM at one sample, a 999 kills the process, a
+    7 lowers the cap to 4 (as a split would), STICKY and STICKY_LATE raise a CUDA error, and
+    STUCK never finishes."""
+
+    device = "cuda:0"
 
     def __init__(self, cap: Any) -> None:
         self.model, self.cap = FakeModel(), cap
@@ -85,7 +103,12 @@ class FakeInstance:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         if bool((x == 7).any()):
             self.cap.lower(4)
-        return FakePending(samples, [x * 2], self.release)
+        if bool((x == STICKY).any()):
+            raise torch.AcceleratorError(ILLEGAL_ACCESS)
+        if bool((x == STUCK).any()):
+            return FakePending(samples, [x * 2], threading.Event())
+        late = RuntimeError(ILLEGAL_ACCESS) if bool((x == STICKY_LATE).any()) else None
+        return FakePending(samples, [x * 2], self.release, late)
 
 
 def fake_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
@@ -196,12 +219,52 @@ async def test_a_worker_that_cannot_load_fails_the_start() -> None:
     await executor.stop()
 
 
+async def test_a_sticky_cuda_error_loses_the_device_not_the_batch() -> None:
+    executor = CudaExecutor(0, models(instances=2), worker=fake_gpu_worker)
+    await executor.start(60.0, {})
+    try:
+        loop = asyncio.get_running_loop()
+        stuck: asyncio.Future[BatchOutcome] = loop.create_future()
+        executor.dispatch(batch_of([STUCK, 0, 0]), settle(stuck))
+        outcome = await run(executor, batch_of([1, STICKY, 1]))
+        # Device-lost, not "the model raised": the batcher must not bisect it, the router runs
+        # it elsewhere; and the batch that was merely on the same device goes with it.
+        assert isinstance(outcome, BatchFailed) and outcome.device_lost
+        assert not outcome.model_raised
+        assert outcome.message == (
+            f"cuda:0 failed while running model 'm': AcceleratorError: {ILLEGAL_ACCESS}"
+        )
+        other = await asyncio.wait_for(stuck, 30.0)
+        assert isinstance(other, BatchFailed) and other.device_lost
+        assert "cuda:0 failed while this batch was on it" in other.message
+        assert not executor.alive() and executor.free_slots("m") == 0
+        assert executor.in_flight() == 0
+    finally:
+        await executor.stop()
+    assert executor._process is not None and executor._process.exitcode == 3  # it exited
+
+
+async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
+    executor = CudaExecutor(0, models(instances=1), worker=fake_gpu_worker)
+    await executor.start(60.0, {})
+    try:
+        outcome = await run(executor, batch_of([STICKY_LATE, 0, 0]))
+        assert isinstance(outcome, BatchFailed) and outcome.device_lost
+        assert ILLEGAL_ACCESS in outcome.message and not executor.alive()
+    finally:
+        await executor.stop()
+    assert executor._process is not None and executor._process.exitcode == 3
+
+
 def failing_worker(conn: Connection, setup: CudaSetup) -> None:
     conn.send_bytes(msgpack.packb(["load_failed", "cuda:0: no CUDA device here"]))
 
 
 class CpuStandIn:
-    """A "GPU" instance that runs the real model on the CPU, 1 microsecond per batch."""
+    """A "GPU" instance that runs the real model on the CPU, 1 microsecond per batch; a
+    STICKY value meets a sticky CUDA error instead."""
+
+    device = "cuda:0"
 
     def __init__(self, cfg: ModelConfig, cap: Any) -> None:
         from server.models.loading import load_model
@@ -214,6 +277,8 @@ class CpuStandIn:
     def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
         import torch
 
+        if bool((inputs[0][:samples] == STICKY).any()):
+            raise RuntimeError(ILLEGAL_ACCESS)
         with torch.inference_mode():
             result = self.model.run([t[:samples] for t in inputs])
         outputs = [result[spec.name].clone() for spec in self.model.outputs]
@@ -251,11 +316,11 @@ def standin_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
         segment.close()
 
 
-async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Path) -> None:
+def stand_in_config(tmp_path: Path) -> Config:
     batching = BatchingConfig(max_batch_size=8)
     auto = ModelConfig("a", "builtin:linear", "builtin", (), batching)
     cpu_only = ModelConfig("c", "builtin:linear", "builtin", (), batching, Placement("cpu"))
-    config = Config(
+    return Config(
         ServerSettings(),
         batching,
         WorkersConfig(cpu_workers=1, threads_per_worker=1),
@@ -263,10 +328,25 @@ async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Pa
         DevicesConfig(calibration_cache=str(tmp_path / "cal.json")),
     )
 
+
+def stand_in_devices(config: Config) -> Devices:
     def stand_in(index: int, wanted: tuple[ModelConfig, ...]) -> CudaExecutor:
         return CudaExecutor(index, wanted, worker=standin_gpu_worker)
 
-    devices = Devices(config, MonotonicClock(), lambda: ["Stand-in GPU"], stand_in)
+    return Devices(config, MonotonicClock(), lambda: ["Stand-in GPU"], stand_in)
+
+
+async def routed(router: Router, model: str, x: np.ndarray, attempts: int = 0) -> BatchOutcome:
+    batch = Batch(model, [_request(len(x))], len(x), attempts)
+    batch.requests[0].inputs = {"input": x}
+    done: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+    router.dispatch(batch, settle(done))
+    return await asyncio.wait_for(done, 30.0)
+
+
+async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Path) -> None:
+    config = stand_in_config(tmp_path)
+    devices = stand_in_devices(config)
     pool = CpuPool(config.models, 1, 1, Metrics(), calibrate=await devices.prepare(1))
     try:
         infos = await pool.start(60.0)
@@ -286,6 +366,32 @@ async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Pa
             expected = reference_forward("linear", x)
             np.testing.assert_allclose(outcome.outputs["output"], expected, rtol=1e-5, atol=1e-6)
         assert router.costs()[("a", "cuda:0")][2] == 1  # the observed batch corrected the fit
+    finally:
+        await devices.stop()
+        await pool.stop()
+
+
+async def test_a_batch_on_a_gpu_that_loses_its_device_is_answered_by_the_cpu(
+    tmp_path: Path,
+) -> None:
+    config = stand_in_config(tmp_path)
+    devices = stand_in_devices(config)
+    pool = CpuPool(config.models, 1, 1, Metrics(), calibrate=await devices.prepare(1))
+    try:
+        await devices.start(pool, await pool.start(60.0))
+        router = devices.dispatcher_for("a")
+        assert isinstance(router, Router)
+        x = np.arange(30, dtype=np.float32).reshape(3, 10) / 10
+        x[1, 0] = STICKY  # the stand-in GPU meets a sticky CUDA error on this batch
+        # attempts=1: with the GPU's own this uses up the retry that a dead worker gets; a
+        # device-lost batch is run elsewhere all the same (it did not fail, the device did).
+        outcome = await routed(router, "a", x, attempts=1)
+        assert isinstance(outcome, BatchDone) and outcome.device == "cpu"
+        expected = reference_forward("linear", x)
+        np.testing.assert_allclose(outcome.outputs["output"], expected, rtol=1e-5, atol=1e-6)
+        assert not devices.gpus[0].alive()
+        after = await routed(router, "a", x[:1])  # the lost GPU is left out from now on
+        assert isinstance(after, BatchDone) and after.device == "cpu"
     finally:
         await devices.stop()
         await pool.stop()

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.executors.cuda import OOM_MESSAGE
+from server.executors.cuda_failure import describe
 from server.executors.cuda_instance import DeviceCap, is_oom, run_in_chunks
 
 
@@ -94,8 +95,6 @@ def test_what_counts_as_out_of_memory(error: BaseException, expected: bool) -> N
 
 
 def test_the_oom_failure_names_itself_for_the_router() -> None:
-    from server.executors.cuda_worker import _describe
-
-    message = _describe("mlp", torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    message = describe("mlp", torch.cuda.OutOfMemoryError("CUDA out of memory."))
     assert message.startswith(OOM_MESSAGE)
-    assert _describe("mlp", ValueError("x\nbad")) == "model 'mlp' raised ValueError: bad"
+    assert describe("mlp", ValueError("x\nbad")) == "model 'mlp' raised ValueError: bad"

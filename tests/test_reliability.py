@@ -1,7 +1,8 @@
 """Faults against real server processes: a poisoned request fails alone while its batch-mates
-get their answers; killed workers (SIGKILL) under load lose no request; a request that kills
-every worker it touches gets 500 after one retry; a client that leaves is never computed; and a
-model that fails to load or warm up is named, then either stops start-up or is left out.
+get their answers; killed workers (SIGKILL) under load lose no request, the batch each held
+re-run elsewhere; a request that kills every worker it touches gets 500 after one retry; a
+client that leaves is never computed; and a model that fails to load or warm up is named, then
+either stops start-up or is left out.
 
 Each test starts its own `microbatch serve` on 127.0.0.1:0 (tests/server_process.py) and waits
 on conditions with bounded timeouts. SIGSTOP on the worker holds batches in place so that which
@@ -136,6 +137,7 @@ async def test_a_request_that_kills_every_worker_it_touches_gets_500_after_one_r
     with serve_work(tmp_path, "--cpu-workers", "1") as server:
         (first,) = worker_pids(server)
         restarts = metric(server, "microbatch_worker_restarts_total")
+        retries = metric(server, "microbatch_batch_retries_total")
         async with aiohttp.ClientSession() as session:
             # About 3 s of compute: long enough to be seen running, twice.
             doomed = asyncio.ensure_future(send(session, server.url, "work", work(1.0, 1500)))
@@ -158,39 +160,78 @@ async def test_a_request_that_kills_every_worker_it_touches_gets_500_after_one_r
         assert "again on retry" in answer.body["error"]["message"]
         assert after.status == 200 and request(server.url, "GET", "/readyz")[0] == 200
         assert metric(server, "microbatch_worker_restarts_total") == restarts + 2
+        # One retry, after the first kill; the second kill fails the batch.
+        assert metric(server, "microbatch_batch_retries_total") == retries + 1
+
+
+OVERTAKEN = 32  # answers to later requests that show an earlier one is held by a worker
 
 
 async def test_killing_workers_under_load_loses_no_request(tmp_path: Path) -> None:
+    """Each kill hits a worker with a batch in flight, and that batch is run again: the worker
+    is stopped (SIGSTOP) first, and killed only once some request sent before many answered
+    ones is still unanswered. Requests are never overtaken in the queue, so such a request is
+    in the stopped worker's batch; it is then answered, correctly, by another worker."""
     total, concurrency = 600, 16
     with serve_work(tmp_path, "--cpu-workers", "2") as server:
         pids = worker_pids(server)
         assert len(pids) == 2
-        answers: list[object] = []
-        kills = {150: pids[0], 400: pids[1]}  # after this many answers, kill this worker
+        order: list[int] = []  # request indices in the order their answers came
+        answers: dict[int, Answer] = {}
+        sent_after: dict[int, int] = {}  # request index -> answers received before it was sent
+        held: list[set[int]] = []  # per kill: the requests in the killed worker's batch
         values = iter(range(total))
 
         async def client(session: aiohttp.ClientSession) -> None:
             for i in values:
-                answer = await send(session, server.url, "work", work(float(i), 3))
-                answers.append((i, answer))
-                pid = kills.pop(len(answers), None)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
+                sent_after[i] = len(order)
+                answers[i] = await send(session, server.url, "work", work(float(i), 3))
+                order.append(i)
+
+        def stuck() -> set[int]:
+            return {
+                i for i, n in sent_after.items() if i not in answers and len(order) - n > OVERTAKEN
+            }
+
+        async def kill(pid: int, after: int) -> None:
+            await until_async(lambda: len(order) >= after, f"{after} answers")
+            os.kill(pid, signal.SIGSTOP)
+            await until_async(lambda: bool(stuck()), "a batch held by the stopped worker")
+            held.append(stuck())
+            os.kill(pid, signal.SIGKILL)
+
+        async def killer() -> None:
+            await kill(pids[0], 150)
+            await kill(pids[1], 400)
 
         async with aiohttp.ClientSession() as session:
-            await asyncio.gather(*(client(session) for _ in range(concurrency)))
+            await asyncio.gather(killer(), *(client(session) for _ in range(concurrency)))
         restarts = metric(server, "microbatch_worker_restarts_total")
-    results = [a for _, a in answers]  # type: ignore[misc]
+    results = [answers[i] for i in order]
     lost = sum(1 for a in results if a.status != 200)
     print(
         f"\nkill under load: {total} requests sent, answered {tally(results)}, lost {lost}, "
-        f"workers killed 2, restarts {restarts:.0f}"
+        f"workers killed 2, each with a batch in flight (requests seen held there: "
+        f"{[len(h) for h in held]}, all re-run and answered), restarts {restarts:.0f}"
     )
     assert len(results) == total and lost == 0
-    for i, answer in answers:  # type: ignore[misc]
+    for i, answer in answers.items():
         out = np.frombuffer(answer.body["outputs"]["output"]["data"], np.float32)
         np.testing.assert_array_equal(out, [2.0 * i, 6.0])
     assert restarts == 2
+    # The batch in flight on each killed worker really was re-run: its requests were held
+    # there when it died, and each got its own answer.
+    assert len(held) == 2 and all(held)
+    # (Their outputs were checked above with all the others; a killed worker computes none.)
+
+
+async def until_async(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Waits on a condition that the event loop's own tasks change, without blocking them."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 def test_serve_others_leaves_out_models_that_failed_and_readyz_names_them(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from server.executors.model_info import ModelInfo
 from server.metrics import Metrics
 from server.models.spec import TensorSpec
 from server.routing import calibration as cal
+from server.routing.cost import CostFit
 from server.routing.devices import Devices
 from server.routing.profiling import time_sizes_blocking
 from server.routing.router import Router
@@ -188,9 +189,16 @@ class FakePool:
 class FakeGpu:
     """What Devices reads of a CudaExecutor; start() fails when told to."""
 
-    def __init__(self, index: int, models: tuple[ModelConfig, ...], fail: bool = False) -> None:
+    def __init__(
+        self,
+        index: int,
+        models: tuple[ModelConfig, ...],
+        fail: bool = False,
+        profile: Callable[[Sequence[int]], list[tuple[int, float]]] | None = None,
+    ) -> None:
         self.device, self.gpu_name = f"cuda:{index}", "Fake GPU"
         self.models, self.fail = models, fail
+        self.profile = profile or (lambda sizes: line(0.5e-3, 0.01e-3, sizes))
         self.specs: dict[str, tuple[Any, Any]] = {}
         self.calibration: dict[str, list[tuple[int, float]]] = {}
         self.caps = {m.name: m.batching.max_batch_size for m in models}
@@ -202,7 +210,7 @@ class FakeGpu:
         if self.fail:
             raise CudaStartError("no such CUDA device")
         self.specs = {m.name: (SPEC_IN, SPEC_OUT) for m in self.models}
-        self.calibration = {n: line(0.5e-3, 0.01e-3, sizes) for n, sizes in plan.items()}
+        self.calibration = {n: self.profile(sizes) for n, sizes in plan.items()}
 
     async def stop(self) -> None:
         self.stopped = True
@@ -244,7 +252,11 @@ class Clock:
 
 
 def make_devices(
-    cfg: Config, gpus: list[str], made: list[FakeGpu], fail: bool = False
+    cfg: Config,
+    gpus: list[str],
+    made: list[FakeGpu],
+    fail: bool = False,
+    profile: Callable[[Sequence[int]], list[tuple[int, float]]] | None = None,
 ) -> tuple[Devices, list[int]]:
     probes: list[int] = []
 
@@ -253,7 +265,7 @@ def make_devices(
         return gpus
 
     def factory(index: int, models: tuple[ModelConfig, ...]) -> Any:
-        made.append(FakeGpu(index, models, fail))
+        made.append(FakeGpu(index, models, fail, profile))
         return made[-1]
 
     return Devices(cfg, Clock(), probe, factory), probes
@@ -314,7 +326,7 @@ async def test_a_gpu_joins_the_router_with_its_own_calibration(tmp_path: Path) -
     metrics = Metrics()
     devices.register_gauges(metrics)
     text = metrics.render().decode()
-    assert 'microbatch_cost_fixed_seconds{device="cuda:0",model="a"} 0.0005' in text
+    assert 'microbatch_cost_fixed_seconds{device="cuda:0",kind="current",model="a"} 0.0005' in text
     assert 'microbatch_batch_cap{device="cuda:0",model="g"} 32.0' in text
     await devices.stop()
     assert made[0].stopped
@@ -369,3 +381,78 @@ async def test_a_gpu_that_sees_other_tensors_is_left_out_for_that_model(tmp_path
     other = {"m": ModelInfo("m", SPEC_OUT, SPEC_OUT, m.batching)}  # the CPU saw other inputs
     await devices.start(FakePool({"m": line(0.1e-3, 0.1e-3, [1, 2])}), other)  # type: ignore[arg-type]
     assert devices.describe("m")["devices"] == ["cpu"]
+
+
+def wild(sizes: Sequence[int]) -> list[tuple[int, float]]:
+    """A profile no line comes within 2x of: bursts of other load took every other size."""
+    return [(n, 10e-3 if i % 2 else 0.1e-3) for i, n in enumerate(sizes)]
+
+
+async def test_a_rejected_gpu_calibration_keeps_its_model_on_the_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    auto, forced = model("a"), model("g", routing="cuda")
+    made: list[FakeGpu] = []
+    devices, _ = make_devices(config(tmp_path, auto, forced), ["Fake GPU"], made, profile=wild)
+    plan = await devices.prepare(threads=1)
+    pool = FakePool({n: line(0.1e-3, 0.1e-3, sizes) for n, sizes in plan.items()})
+    await devices.start(pool, infos(auto, forced))  # type: ignore[arg-type]
+    # Routing on that fit would send batches wherever its errors point: the safe default is
+    # the CPU alone, as without a GPU. A user who forced the GPU keeps it.
+    assert devices.describe("a")["devices"] == ["cpu"]
+    assert devices.describe("g")["devices"] == ["cuda:0"]
+    assert "calibration of 'a' on cuda/Fake GPU rejected: its fit is" in caplog.text
+    assert "model 'a' runs on the CPU only: its calibration on cuda/Fake GPU was rejected" in (
+        caplog.text
+    )
+    assert "model 'g' keeps routing = 'cuda' despite its rejected calibration" in caplog.text
+    cached = cal.load_cache_blocking(str(tmp_path / "cal.json"))
+    assert not any("cuda/" in key for key in cached)  # measured again at the next start
+    assert sum("cpu/" in key for key in cached) == 2
+
+
+async def test_a_calibration_with_an_outlier_is_refitted_without_it_and_not_cached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = model()
+    devices, _ = make_devices(config(tmp_path, m), [], [])
+    plan = await devices.prepare(threads=1)
+    points = line(0.1e-3, 0.1e-3, plan["m"])
+    points[3] = (8, 0.1e-3)  # a size that ran 9x too fast: it would pull the fit to itself
+    await devices.start(FakePool({"m": points}), infos(m))  # type: ignore[arg-type]
+    assert "refitted without the outlier(s) (8, 0.000100)" in caplog.text
+    costs = devices.describe("m")["costs"]["cpu"]
+    assert costs["calibrated_fixed_ms"] == pytest.approx(0.1)
+    assert costs["calibrated_per_sample_ms"] == pytest.approx(0.1)
+    assert cal.load_cache_blocking(str(tmp_path / "cal.json")) == {}
+
+
+async def test_metrics_show_the_calibrated_and_the_current_costs(tmp_path: Path) -> None:
+    m = model()
+    made: list[FakeGpu] = []
+    devices, _ = make_devices(config(tmp_path, m), ["Fake GPU"], made)
+    plan = await devices.prepare(threads=1)
+    await devices.start(FakePool({"m": line(0.1e-3, 0.1e-3, plan["m"])}), infos(m))  # type: ignore[arg-type]
+    router = devices.router
+    assert router is not None
+    for _ in range(30):  # what the router's finished batches feed it: 2 ms per full batch
+        router._costs[("m", "cuda:0")].observe(32, 2e-3)
+    metrics = Metrics()
+    devices.register_gauges(metrics)
+    text = metrics.render().decode()
+
+    def gauge(name: str, device: str, kind: str) -> float:
+        labels = f'{{device="{device}",kind="{kind}",model="m"}}'
+        (value,) = [
+            line.split()[-1] for line in text.splitlines() if line.startswith(name + labels)
+        ]
+        return float(value)
+
+    fixed, per_sample = "microbatch_cost_fixed_seconds", "microbatch_cost_per_sample_seconds"
+    assert gauge(fixed, "cuda:0", "calibrated") == pytest.approx(0.5e-3)
+    assert gauge(per_sample, "cuda:0", "calibrated") == pytest.approx(0.01e-3)
+    current = CostFit(gauge(fixed, "cuda:0", "current"), gauge(per_sample, "cuda:0", "current"))
+    assert current.cost_s(32) == pytest.approx(2e-3, rel=0.1)  # corrected toward what it saw
+    assert gauge(fixed, "cpu", "calibrated") == gauge(fixed, "cpu", "current")  # nothing seen
+    assert gauge(per_sample, "cpu", "calibrated") == pytest.approx(0.1e-3)
+    await devices.stop()

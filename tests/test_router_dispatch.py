@@ -1,7 +1,8 @@
 """The router against simulated executors with known costs on a clock that moves only when the
 test says: shallow queues to the CPU, deep ones to the GPU, backlog-aware choices, batches held
 for a busy but better executor, online correction of a wrong calibration, no starvation, and
-retries when a GPU dies or runs out of memory. Nothing sleeps; everything is numbers."""
+retries when a GPU dies, loses its device or runs out of memory. Nothing sleeps; everything is
+numbers."""
 
 from __future__ import annotations
 
@@ -120,6 +121,15 @@ class SimExecutor:
         self.running, self.waiting = [], []
         for batch, done in items:
             done(batch, BatchFailed("model_error", f"the {self.name} worker died"))
+        self.notify()
+
+    def lose_device(self) -> None:
+        """A sticky CUDA error: the worker reports its batches as device-lost and exits."""
+        self.alive = False
+        items = [(b, d) for _, b, d in self.running] + self.waiting
+        self.running, self.waiting = [], []
+        for batch, done in items:
+            done(batch, BatchFailed("model_error", f"{self.name} failed", device_lost=True))
         self.notify()
 
     def notify(self) -> None:
@@ -310,6 +320,30 @@ def test_a_dead_gpu_hands_its_batches_to_the_cpu_and_is_left_out() -> None:
     h.send(32)
     assert h.gpu.ran == [32, 32]  # nothing more goes there
     assert h.router.free_slots("m") == h.cpu.free_slots("m")
+
+
+def test_a_gpu_that_loses_its_device_hands_every_batch_to_the_cpu_whatever_its_attempts() -> None:
+    h = make()
+    fresh, spent = h.send(32), Batch("m", [_request(32)], 32, attempts=1)
+    h.router.dispatch(spent, lambda b, o: h.answers.append((b, o)))
+    assert h.gpu.ran == [32, 32]
+    h.gpu.lose_device()
+    # Both on the CPU: `spent` used its one retry on the GPU, yet a lost device is no fault
+    # of the batch's own.
+    assert h.cpu.ran == [32, 32]
+    h.sim.drain()
+    assert [b for b, _ in h.answers] == [fresh, spent] and h.devices() == ["cpu", "cpu"]
+    h.send(32)
+    assert h.gpu.ran == [32, 32]  # nothing more goes there
+
+
+def test_a_dead_gpu_still_retries_a_batch_only_once() -> None:
+    h = make()
+    spent = Batch("m", [_request(32)], 32, attempts=1)
+    h.router.dispatch(spent, lambda b, o: h.answers.append((b, o)))
+    h.gpu.die()  # died without saying why: the batch may have killed it
+    assert h.cpu.ran == []
+    assert [o for _, o in h.answers] == [BatchFailed("model_error", "the cuda:0 worker died")]
 
 
 def test_a_gpu_out_of_memory_at_one_sample_is_answered_by_the_cpu() -> None:

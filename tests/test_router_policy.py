@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.routing.cost import (
+    MAX_MISFIT,
     UNKNOWN_COST,
     CostFit,
     FitSums,
@@ -17,6 +18,8 @@ from server.routing.cost import (
     check_points,
     fit_points,
     solve,
+    vet_points,
+    worst_misfit,
     worst_relative_error,
 )
 from server.routing.policy import (
@@ -100,6 +103,72 @@ def test_check_points_names_what_is_wrong() -> None:
     assert check_points([(8, 4e-3), (16, 1e-3)]) == [
         "batch 16 measured at under half the time of batch 8"
     ]
+
+
+# --- the sanity check: outliers, rejection ----------------------------------------------------
+
+
+def test_a_clean_calibration_is_used_as_measured() -> None:
+    vetted = vet_points(points(GPU))
+    assert vetted.points == tuple(points(GPU)) and vetted.dropped == () and vetted.problems == ()
+    assert vetted.misfit == pytest.approx(0.0, abs=1e-9) and not vetted.rejected
+
+
+def test_a_clean_knee_shaped_gpu_profile_is_neither_trimmed_nor_rejected() -> None:
+    # Flat until the device fills, then linear: the worst a true profile fits a line (~45%).
+    knee = [(n, max(1e-4, 1e-4 * n / 128)) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+    vetted = vet_points(knee)
+    assert vetted.dropped == () and not vetted.rejected and vetted.misfit < 0.5
+
+
+@pytest.mark.parametrize("factor", [0.2, 3.0])  # a burst that ran too fast, or too slow
+def test_an_outlier_is_left_out_of_the_fit(factor: float) -> None:
+    measured = points(CPU)
+    measured[3] = (8, CPU.cost_s(8) * factor)
+    vetted = vet_points(measured)
+    assert vetted.dropped == (measured[3],)  # the bad point, not a good one it pulled away
+    assert vetted.points == tuple(p for p in measured if p != measured[3])
+    assert not vetted.rejected and vetted.misfit < 1e-9
+    fit = fit_points(vetted.points)
+    assert fit.fixed_s == pytest.approx(CPU.fixed_s) and fit.per_sample_s == pytest.approx(
+        CPU.per_sample_s
+    )
+
+
+def test_at_most_a_quarter_of_the_points_are_left_out() -> None:
+    measured = points(CPU, (1, 2, 4, 8, 16, 32, 64, 128))
+    for i in (1, 3, 5):
+        measured[i] = (measured[i][0], measured[i][1] * 4)
+    vetted = vet_points(measured)
+    assert len(vetted.dropped) == 2 and len(vetted.points) == 6
+
+
+def test_a_fit_that_misses_its_points_by_too_much_is_rejected() -> None:
+    # Alternating fast and slow: no line is within 2x of all of these, however trimmed.
+    measured = [(n, (1e-3 if i % 2 else 10e-3)) for i, n in enumerate(SIZES)]
+    vetted = vet_points(measured)
+    assert vetted.rejected and vetted.misfit > MAX_MISFIT
+    assert len(vetted.dropped) == 1  # it tried
+
+
+def test_the_misfit_counts_too_low_as_much_as_too_high() -> None:
+    fit = CostFit(1e-3, 0.0)
+    assert worst_misfit(fit, [(1, 2e-3)]) == pytest.approx(1.0)  # half the measured time
+    assert worst_misfit(fit, [(1, 0.5e-3)]) == pytest.approx(1.0)  # twice it
+    assert worst_relative_error(fit, [(1, 100e-3)]) < 1.0  # blind to how far too low it is
+    assert worst_misfit(fit, [(1, 100e-3)]) == pytest.approx(99.0)
+
+
+def test_no_measurements_are_rejected_and_one_size_is_not() -> None:
+    assert vet_points([]).rejected and vet_points([(1, math.nan)]).rejected
+    single = vet_points([(1, 1e-3)])  # a model with max_batch_size = 1 has one size only
+    assert not single.rejected and "only one batch size" in single.problems[0]
+
+
+def test_two_sizes_are_never_trimmed_to_one() -> None:
+    vetted = vet_points([(1, 4e-3), (2, 1e-3)])
+    assert vetted.dropped == () and len(vetted.points) == 2
+    assert vetted.problems == ("batch 2 measured at under half the time of batch 1",)
 
 
 # --- online correction ------------------------------------------------------------------------

@@ -81,7 +81,9 @@ def test_metrics_export_costs_and_batches_per_device(server: ServerProcess) -> N
     _, _, body = request(server.url, "GET", "/metrics")
     text = body.decode()
     for name in ("microbatch_cost_fixed_seconds", "microbatch_cost_per_sample_seconds"):
-        assert re.search(rf'^{name}{{device="cpu",model="mlp"}} [0-9.e+-]+$', text, re.M), name
+        for kind in ("calibrated", "current"):
+            labels = f'{{device="cpu",kind="{kind}",model="mlp"}}'
+            assert re.search(rf"^{name}{labels} [0-9.e+-]+$", text, re.M), (name, kind)
     batches = re.search(
         r'^microbatch_batches_total{device="cpu",model="mlp",outcome="ok"} ([0-9.]+)$', text, re.M
     )

@@ -2,8 +2,9 @@
 say which wins where, with the crossover batch size; optionally a plot and a JSON report.
 
 Main process (the CLI); imports torch, and matplotlib for --plot, only when it runs. The CPU
-is timed in this process with torch's threads; a GPU through the server's own CUDA instance
-(pinned staging, copy and compute streams), host arrays in to host arrays out, synchronised.
+is timed in this process with torch's threads; each visible GPU through the server's own CUDA
+instance (pinned staging, copy and compute streams), host arrays in to host arrays out,
+synchronised.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="time a model on the CPU and each GPU over batch sizes; find the crossover",
-        description="Measure a model's batch latency and throughput on the CPU and, where there "
-        "is one, the GPU, over a range of batch sizes (warm-up, repeats, median and p25-p75), "
-        "and print which device wins at each size and where the GPU starts to win.",
+        description="Measure a model's batch latency and throughput on the CPU and on every "
+        "visible GPU, over a range of batch sizes (warm-up, repeats, median and p25-p75), "
+        "and print which device wins at each size and where the GPUs start to win.",
     )
     p.add_argument("--model", default="mlp", help="model name (default mlp)")
     p.add_argument("--config", help="TOML config that names the model, for user models")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     source = np.load(args.input, allow_pickle=False) if args.input else None
     measurements, context = _measure_all(cfg, sizes, source, args)
     summary = summarize(measurements)
-    gpu = context["gpu"] or "none found"
+    gpu = ", ".join(f"{d} {name}" for d, name in context["gpus"].items()) or "none found"
     threads = context["cpu_threads"]
     plural = "s" if threads != 1 else ""
     out(f"model {cfg.name}: CPU with {threads} torch thread{plural}; GPU: {gpu}")
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         out(line)
     if summary.crossover is not None:
         out(f"crossover: batch size {summary.crossover}")
+    if len(summary.crossovers) > 1:  # several GPUs: where each alone would take over
+        out("crossover per GPU: " + ", ".join(f"{d} {c}" for d, c in summary.crossovers.items()))
     out(f"recommendation: {summary.recommendation}")
     report = to_json(summary, context)
     if args.json:
@@ -106,26 +109,44 @@ def _measure_all(
             model.run(tensors)
 
     measurements = _as_measurements("cpu", time_sizes_blocking(on_cpu, sizes, **timing))
+    # Every visible device, as the server uses every one (CUDA_VISIBLE_DEVICES chooses them):
+    # GPUs of one machine may differ, and each may need its own routing.
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = {f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(count)}
     context: dict[str, Any] = {
         "model": cfg.name,
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "gpu": None,
+        "gpu": next(iter(gpus.values()), None),  # the first one's name, as before
+        "gpus": gpus,
     }
-    if torch.cuda.is_available():
-        from server.executors.cuda_instance import CudaInstance, DeviceCap
-
-        device = torch.device("cuda", 0)
-        context["gpu"] = torch.cuda.get_device_name(device)
-        biggest = max(sizes)
-        instance = CudaInstance(
-            load_model(cfg), device, cfg.placement, biggest, DeviceCap(biggest), slots=1
-        )
-        gpu_timings = time_sizes_blocking(
-            lambda n: instance.run_blocking(batches[n]), sizes, **timing
-        )
-        measurements += _as_measurements("cuda:0", gpu_timings)
+    for index in range(count):
+        measurements += _measure_gpu(cfg, index, sizes, batches, timing)
     return measurements, context
+
+
+def _measure_gpu(
+    cfg: ModelConfig,
+    index: int,
+    sizes: list[int],
+    batches: dict[int, list[np.ndarray]],
+    timing: dict[str, Any],
+) -> list[Measurement]:
+    """One GPU through the server's own CUDA instance, host arrays in and out, synchronised."""
+    import torch
+
+    from server.executors.cuda_instance import CudaInstance, DeviceCap
+    from server.models.loading import load_model
+    from server.routing.profiling import time_sizes_blocking
+
+    biggest = max(sizes)
+    device = torch.device("cuda", index)
+    instance = CudaInstance(
+        load_model(cfg), device, cfg.placement, biggest, DeviceCap(biggest), slots=1
+    )
+    instance.bind_thread()  # its events and allocations on its own device, not on cuda:0
+    timings = time_sizes_blocking(lambda n: instance.run_blocking(batches[n]), sizes, **timing)
+    return _as_measurements(f"cuda:{index}", timings)
 
 
 def _as_measurements(device: str, timings: list[Any]) -> list[Measurement]:

@@ -37,6 +37,9 @@ class BatchFailed:
     # The model itself raised on these inputs (not a dead worker, not a shutdown): smaller
     # sub-batches may isolate the request(s) that cause it (batching/bisection.py).
     model_raised: bool = False
+    # The executor's device failed (a sticky CUDA error): the batch may well be innocent, so
+    # the router runs it on another executor whatever its attempts (routing/router.py).
+    device_lost: bool = False
 
 
 BatchOutcome = BatchDone | BatchFailed

@@ -345,6 +345,7 @@ class CpuPool:
     def _requeue_in_flight(self, worker: _Worker) -> None:
         for flight in list(worker.by_seq.values()):
             if flight.batch.attempts < MAX_ATTEMPTS:
+                self._metrics.batch_retries += 1
                 self._retry.append((flight.batch, flight.done))
             else:
                 flight.done(

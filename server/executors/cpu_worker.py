@@ -158,7 +158,7 @@ def _run_batch(
     with torch.inference_mode():
         result = model.run(inputs)
         for spec, target in outputs:
-            target[:samples].copy_(declared_output(result, spec))
+            target[:samples].copy_(declared_output(result, spec, samples))
 
 
 def _send(conn: Connection, message: list[Any]) -> None:

@@ -3,7 +3,9 @@ in its shared memory, results read through loop.add_reader; and the probe for CU
 
 Event loop only (the probe is a blocking subprocess call meant for a thread); never imports
 torch: the worker (cuda_worker.py) does. A GPU worker that dies is not replaced: its batches
-fail back to the router, which retries them elsewhere, and the device is left out from then on.
+fail back to the router, which retries them elsewhere, and the device is left out from then on;
+one that reports its device lost (a sticky CUDA error) before exiting is left out at once, its
+batches failed as device-lost, which the router always runs elsewhere.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ class CudaExecutor:
             self._fail_start(str(message[1]))
         elif kind in ("done", "failed"):
             self._on_result(message)
+        elif kind == "device_lost":
+            self._on_device_lost(int(message[1]), str(message[2]))
 
     def _on_result(self, message: list[Any]) -> None:
         flight = self._by_seq.pop(message[1])
@@ -310,6 +314,26 @@ class CudaExecutor:
             self._phase.set_exception(CudaStartError(message))
         self._close_conn()
 
+    def _on_device_lost(self, seq: int, message: str) -> None:
+        """The worker's CUDA context failed and the worker is exiting. Every batch in flight
+        there is lost with it, the reported one included, through no fault of its own: all are
+        failed as device-lost (the router runs them elsewhere), and the device is left out
+        now, before the worker's exit is even seen, so that nothing more is sent to it."""
+        if not self._alive:
+            return
+        self._alive = False
+        log.error("%s failed (%s); its batches go to the other executors", self.device, message)
+        self._close_conn()
+        reported = self._by_seq.pop(seq, None)
+        if reported is not None:
+            reported.done(
+                reported.batch, BatchFailed(ErrorCode.MODEL_ERROR.value, message, device_lost=True)
+            )
+        lost = f"{self.device} failed while this batch was on it"
+        self._fail_in_flight(ErrorCode.MODEL_ERROR, lost, device_lost=True)
+        for listener in self._listeners:
+            listener()
+
     def _on_death(self) -> None:
         if self._phase is not None:
             self._fail_start(f"the {self.device} worker exited during start-up")
@@ -323,13 +347,13 @@ class CudaExecutor:
         for listener in self._listeners:
             listener()
 
-    def _fail_in_flight(self, code: ErrorCode, message: str) -> None:
+    def _fail_in_flight(self, code: ErrorCode, message: str, device_lost: bool = False) -> None:
         flights = list(self._by_seq.values())
         self._by_seq.clear()
         for slots in self._slots.values():
             slots[:] = [None] * len(slots)
         for flight in flights:
-            flight.done(flight.batch, BatchFailed(code.value, message))
+            flight.done(flight.batch, BatchFailed(code.value, message, device_lost=device_lost))
 
     def _close_conn(self) -> None:
         if self._conn is not None and not self._conn.closed:

@@ -168,7 +168,7 @@ class CudaInstance:
     def _forward(self, slot: int, lo: int, hi: int) -> None:
         result = self.model.run([t[lo:hi] for t in self._device_in[slot]])
         for spec, target in zip(self.model.outputs, self._pinned_out[slot], strict=True):
-            produced = declared_output(result, spec)
+            produced = declared_output(result, spec, hi - lo)
             target[lo:hi].copy_(produced.to(target.dtype), non_blocking=True)
 
     def run_blocking(

@@ -8,6 +8,7 @@ small msgpack messages over one Connection, tensors in a shared-memory segment:
         -> ["ready", {model: [[samples, seconds], ...]}, {model: cap}, [notes for the log]]
     <- ["run", seq, slot, model, samples]
         -> ["done", seq, compute_s, cap] | ["failed", seq, code, message, model_raised?]
+           | ["device_lost", seq, message]   (then the worker exits: its CUDA context is gone)
     <- ["stop"]
 Slot s of a model belongs to its instance s // SLOTS_PER_INSTANCE. Each instance has an issue
 thread (stage, copy, launch) and a completion thread (wait, copy out, answer), so that two
@@ -31,7 +32,8 @@ import torch
 
 from server.errors import ErrorCode
 from server.executors.cuda import SLOTS_PER_INSTANCE, CudaSetup
-from server.executors.cuda_instance import OOM_MESSAGE, CudaInstance, DeviceCap, Pending, is_oom
+from server.executors.cuda_failure import FailureKind, classify, describe
+from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
 from server.executors.shm_layout import plan_layout
 from server.models.loading import load_model
 from server.routing.calibration import calibration_sizes
@@ -174,6 +176,7 @@ class _Lane:
 
     def __init__(self, instance: CudaInstance, views: _Views, send: _Send) -> None:
         self.instance, self._views, self._send = instance, views, send
+        self._device = str(instance.device)  # "cuda:N", for the messages
         self.jobs: queue.Queue[tuple[int, int, str, int] | None] = queue.Queue()
         self._issued: queue.Queue[tuple[int, int, str, Pending] | None] = queue.Queue()
         self._threads = [
@@ -195,11 +198,8 @@ class _Lane:
             inputs, _ = self._views[slot][model]
             try:
                 pending = self.instance.submit(slot % SLOTS_PER_INSTANCE, inputs, samples)
-            except Exception as exc:  # the model's own failure, or OOM at one sample
-                # True: the model raised, so the batcher may split the batch to find the culprit.
-                self._send(
-                    ["failed", seq, ErrorCode.MODEL_ERROR.value, _describe(model, exc), True]
-                )
+            except Exception as exc:  # the model's own failure, OOM at one sample, or the device
+                self._fail(seq, model, exc)
                 continue
             self._issued.put((seq, slot, model, pending))
         self._issued.put(None)
@@ -213,19 +213,23 @@ class _Lane:
                 _, outputs = self._views[slot][model]
                 for target, produced in zip(outputs, pending.outputs, strict=True):
                     target[: pending.samples].copy_(produced)
-            except Exception as exc:  # an error raised by the device itself
-                self._send(["failed", seq, ErrorCode.MODEL_ERROR.value, _describe(model, exc)])
-                # A device-side error leaves the CUDA context unusable: exit, so the server
-                # sees this worker die and sends its other batches elsewhere.
-                os._exit(3)
+            except Exception as exc:  # raised by the device: an asynchronous kernel error
+                self._fail(seq, model, exc, raised=False)
+                continue
             self._send(["done", seq, compute_s, self.instance.cap.value])
 
-
-def _describe(model: str, exc: BaseException) -> str:
-    if is_oom(exc):
-        return f"{OOM_MESSAGE} for model {model!r} even at one sample"
-    text = str(exc).strip().splitlines()
-    return f"model {model!r} raised {type(exc).__name__}: {text[-1] if text else ''}"
+    def _fail(self, seq: int, model: str, exc: BaseException, raised: bool = True) -> None:
+        message = describe(model, exc, self._device)
+        if classify(exc) is FailureKind.DEVICE:
+            # The context is dead: every later launch here fails with the same error, whatever
+            # its batch. Reported as the device's failure (the router runs the batch elsewhere),
+            # then exit, so the server sees this worker die and sends the rest elsewhere too
+            # rather than bisecting innocent batches on a device that can no longer run any.
+            self._send(["device_lost", seq, message])
+            os._exit(3)
+        # raised: the model raised (or ran out of memory even at one sample), so the batcher
+        # may split the batch to find the culprit; the router retries an OOM on the CPU.
+        self._send(["failed", seq, ErrorCode.MODEL_ERROR.value, message, raised])
 
 
 def _recv(conn: Connection) -> list[Any]:

@@ -1,8 +1,10 @@
 """Loads a configured model into a callable that takes and returns a batch of tensors.
 
 Runs where torch runs: inside CPU worker processes and the in-process `microbatch infer`;
-never on the server's event loop. TorchScript files execute code when loaded and must come
-from a trusted source; `.pt2` programs are loaded with torch.export.load (no pickle).
+never on the server's event loop. Model files are trusted input: TorchScript files execute
+code when loaded, and torch.export.load may unpickle a `.pt2` file's weights and constants (it
+tries torch.load(weights_only=True), then falls back to weights_only=False), so a crafted file
+of either kind can run code. Serve only files from a source you trust.
 """
 
 from __future__ import annotations
@@ -45,12 +47,21 @@ class LoadedModel:
         return result
 
 
-def declared_output(result: dict[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+def declared_output(
+    result: dict[str, torch.Tensor], spec: TensorSpec, samples: int
+) -> torch.Tensor:
     """The tensor a batch's result holds for one declared output, checked against its spec:
     a model whose outputs change from batch to batch fails that batch, not the copy."""
     produced = result.get(spec.name)
     if produced is None:
         raise ValueError(f"output {spec.name!r} missing from this batch's result")
+    # One row per sample: copied into rows [:samples], a [1, ...] output would broadcast its
+    # one row to every request of the batch, and each would get an answer not its own.
+    if produced.dim() == 0 or produced.shape[0] != samples:
+        raise ValueError(
+            f"output {spec.name!r} has shape {list(produced.shape)} for a batch of {samples} "
+            "samples: a model must return one row per sample"
+        )
     if tuple(produced.shape[1:]) != spec.shape:
         raise ValueError(
             f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "

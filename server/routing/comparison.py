@@ -7,7 +7,7 @@ Pure: plain numbers in, plain data and text out; no torch, no I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CPU = "cpu"
@@ -40,8 +40,11 @@ class Row:
 class Summary:
     devices: list[str]
     rows: list[Row]
-    crossover: int | None  # smallest measured size from which the GPU wins at every larger one
+    # The smallest measured size from which a GPU (the fastest at each size) beats the CPU at
+    # every larger one; and the same for each GPU on its own.
+    crossover: int | None
     recommendation: str
+    crossovers: dict[str, int | None] = field(default_factory=dict)
 
 
 def summarize(measurements: Sequence[Measurement]) -> Summary:
@@ -53,15 +56,21 @@ def summarize(measurements: Sequence[Measurement]) -> Summary:
         winner = min(by_device.values(), key=lambda m: (m.median_s, m.device != CPU)).device
         rows.append(Row(n, by_device, winner))
     gpus = [d for d in devices if d != CPU]
-    cross = _crossover(rows, gpus[0]) if gpus and CPU in devices else None
-    return Summary(devices, rows, cross, _recommend(rows, gpus, cross))
+    if not gpus or CPU not in devices:
+        return Summary(devices, rows, None, _recommend(rows, gpus, None))
+    crossovers = {gpu: _crossover(rows, [gpu]) for gpu in gpus}
+    cross = _crossover(rows, gpus)
+    return Summary(devices, rows, cross, _recommend(rows, gpus, cross), crossovers)
 
 
-def _crossover(rows: Sequence[Row], gpu: str) -> int | None:
-    both = [r for r in rows if gpu in r.by_device and CPU in r.by_device]
+def _crossover(rows: Sequence[Row], gpus: Sequence[str]) -> int | None:
+    """From the largest size down, while the fastest of `gpus` there beats the CPU."""
     found = None
-    for row in reversed(both):
-        if row.by_device[gpu].median_s >= row.by_device[CPU].median_s:
+    for row in reversed(rows):
+        times = [row.by_device[g].median_s for g in gpus if g in row.by_device]
+        if CPU not in row.by_device or not times:
+            continue
+        if min(times) >= row.by_device[CPU].median_s:
             break
         found = row.samples
     return found
@@ -74,7 +83,9 @@ def _recommend(rows: Sequence[Row], gpus: Sequence[str], cross: int | None) -> s
         return (
             'no CUDA GPU found: every batch runs on the CPU pool; routing = "auto" needs no change.'
         )
-    gpu, smallest, largest = gpus[0], rows[0].samples, rows[-1].samples
+    smallest, largest = rows[0].samples, rows[-1].samples
+    # The GPU named is the one that wins the largest batches: where a GPU matters most.
+    gpu = rows[-1].winner if rows[-1].winner != CPU else gpus[0]
     if cross is None:
         return (
             f"the CPU wins at every measured batch size up to {largest}: "
@@ -125,6 +136,7 @@ def to_json(summary: Summary, context: dict[str, Any]) -> dict[str, Any]:
         "devices": summary.devices,
         "rows": rows,
         "crossover_batch_size": summary.crossover,
+        "crossover_batch_size_by_device": summary.crossovers,
         "recommendation": summary.recommendation,
     }
 

@@ -121,6 +121,60 @@ def worst_relative_error(fit: CostFit, points: Sequence[tuple[int, float]]) -> f
     return max((abs(fit.cost_s(n) - y) / y for n, y in points if y > 0.0), default=0.0)
 
 
+def worst_misfit(fit: CostFit, points: Sequence[tuple[int, float]]) -> float:
+    """How far the fit is off at its worst point, as a factor less one, either way: 1.0 is
+    twice or half the measured time. (worst_relative_error never exceeds 1 for a fit that is
+    too low, however far: it cannot tell 2x from 100x that way.)"""
+    ratios = (fit.cost_s(n) / y for n, y in points if y > 0.0)
+    return max((max(r, 1.0 / r) - 1.0 for r in ratios), default=0.0)
+
+
+# Misfits (worst_misfit). A line fitted to a clean profile is off by up to ~1.46x where a GPU's
+# flat cost turns into a slope; past OUTLIER_MISFIT a point is more likely a burst of other
+# load, and past MAX_MISFIT (2x or half at a measured size) the line is not worth routing on.
+OUTLIER_MISFIT = 0.5
+MAX_MISFIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Vetted:
+    """A calibration after its sanity check: the points its fit uses, the ones left out as
+    outliers, what the check found in the raw points, and how far the fit misses its points."""
+
+    points: tuple[tuple[int, float], ...]
+    dropped: tuple[tuple[int, float], ...]
+    problems: tuple[str, ...]
+    misfit: float  # worst_misfit of the fit on `points`
+
+    @property
+    def rejected(self) -> bool:
+        """Nothing usable, or a fit too far from its own measurements to route on."""
+        return not self.points or self.misfit > MAX_MISFIT
+
+
+def vet_points(points: Sequence[tuple[int, float]]) -> Vetted:
+    """Checks a calibration and refits it without its outliers where it needs to: while the
+    check finds problems or the fit misses a point by more than OUTLIER_MISFIT, the one point
+    whose removal best fits the rest is left out, at most a quarter of them and never below
+    two batch sizes. Each candidate is judged by a fit without it (the relative weighting lets
+    a too-fast outlier pull the fit onto itself, so its own error would not show it)."""
+    kept = [(n, y) for n, y in points if n >= 1 and math.isfinite(y) and y > 0.0]
+    problems = tuple(check_points(points))
+    dropped: list[tuple[int, float]] = []
+    budget = len(kept) // 4
+
+    def misses(sample: Sequence[tuple[int, float]]) -> float:
+        return worst_misfit(fit_points(sample), sample)
+
+    while len(dropped) < budget and len({n for n, _ in kept}) > 2:
+        if not check_points(kept) and misses(kept) <= OUTLIER_MISFIT:
+            break
+        index = min(range(len(kept)), key=lambda i: misses(kept[:i] + kept[i + 1 :]))
+        dropped.append(kept.pop(index))
+    worst = misses(kept) if kept else math.inf
+    return Vetted(tuple(kept), tuple(dropped), problems, worst)
+
+
 class OnlineCost:
     """A fit seeded by calibration and pulled toward observed batch times.
 

@@ -24,7 +24,7 @@ from server.executors.cuda import (
 from server.executors.model_info import ModelInfo
 from server.metrics import Metrics
 from server.routing import calibration as cal
-from server.routing.cost import UNKNOWN_COST, check_points
+from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
 from server.routing.policy import crossover
 from server.routing.router import ReadClock, Router, Target
 
@@ -54,6 +54,7 @@ class Devices:
         self._infos: dict[str, ModelInfo] = {}
         self.gpus: list[CudaExecutor] = []
         self.router: Router | None = None
+        self._rejected: dict[str, list[str]] = {}  # model -> devices whose calibration failed
 
     async def prepare(self, threads: int) -> dict[str, list[int]]:
         """Starts the CUDA probe and reads the cache; returns what the CPU pool should time."""
@@ -145,15 +146,20 @@ class Devices:
         measured: Mapping[str, cal.Points],
         fresh: dict[str, cal.Points],
     ) -> cal.Points:
+        """The points the router fits, vetted: a calibration that fails its check is refitted
+        without its outliers, and one that still misses its points by too much is rejected
+        (its model then stays on the CPU, see _routes). Neither is cached: the next start
+        measures again."""
         cfg = self._config.model(model)
         key = self._key(cfg, device_id)
         points = measured.get(model) or self._cached.get(key) or []
-        problems = check_points(points)
-        if problems:
-            log.warning("calibration of %r on %s: %s", model, device_id, "; ".join(problems))
-        if model in measured and not problems:
+        vetted = vet_points(points)
+        _log_vetted(model, device_id, vetted)
+        if vetted.rejected:
+            self._rejected.setdefault(model, []).append(device_id)
+        if model in measured and not vetted.problems and not vetted.dropped:
             fresh[key] = points
-        return points
+        return list(vetted.points)
 
     def _targets(self, pool: CpuPool) -> list[Target]:
         targets = [
@@ -173,10 +179,26 @@ class Devices:
         for cfg in self._config.models:
             gpus = tuple(g.device for g in self.gpus if cfg.name in g.specs)
             routing = cfg.placement.routing
+            rejected = self._rejected.get(cfg.name, [])
             if routing == "cuda" and not gpus:
                 log.warning("model %r has routing = 'cuda' but no GPU runs it: CPU", cfg.name)
             if routing == "cuda" and gpus:
                 routes[cfg.name] = gpus
+                if rejected:
+                    log.warning(
+                        "model %r keeps routing = 'cuda' despite its rejected calibration",
+                        cfg.name,
+                    )
+            elif routing == "auto" and gpus and rejected:
+                # A choice made on costs nobody can trust could send every batch to the wrong
+                # side; the CPU alone is what the server does without a GPU, a known quantity.
+                log.error(
+                    "model %r runs on the CPU only: its calibration on %s was rejected; set "
+                    "routing = 'cuda' to use the GPU anyway, or recalibrate on a quieter machine",
+                    cfg.name,
+                    ", ".join(rejected),
+                )
+                routes[cfg.name] = (CPU,)
             elif routing == "auto":
                 routes[cfg.name] = (CPU, *gpus)
             else:
@@ -220,6 +242,9 @@ class Devices:
         out["crossover_batch_size"] = self.crossover(model)
         return out
 
+    def _costs(self) -> dict[tuple[str, str], tuple[CostFit, CostFit, int]]:
+        return self.router.costs() if self.router is not None else {}
+
     def crossover(self, model: str) -> int | None:
         if self.router is None or not self.gpus or model not in self._infos:
             return None
@@ -231,23 +256,27 @@ class Devices:
 
     def register_gauges(self, metrics: Metrics) -> None:
         def costs(term: int) -> dict[tuple[str, ...], float]:
-            if self.router is None:
-                return {}
-            return {
-                key: (fit.fixed_s, fit.per_sample_s)[term]
-                for key, (_, fit, _) in self.router.costs().items()
-            }
+            """kind="calibrated": what start-up measured (absent where nothing was);
+            kind="current": what the router routes on now, corrected by observed batches. The
+            two side by side show how far the calibration was off, and whether it drifts."""
+            out: dict[tuple[str, ...], float] = {}
+            for (model, device), (calibrated, current, _) in self._costs().items():
+                if calibrated is not UNKNOWN_COST:
+                    out[(model, device, "calibrated")] = _term(calibrated, term)
+                out[(model, device, "current")] = _term(current, term)
+            return out
 
         metrics.add_labelled_gauge(
             "microbatch_cost_fixed_seconds",
-            "Expected fixed cost of one batch (calibrated, corrected online), by model and device.",
-            ("model", "device"),
+            "Expected fixed cost of one batch, by model and device; kind: calibrated at "
+            "start-up, or current (corrected online).",
+            ("model", "device", "kind"),
             lambda: costs(0),
         )
         metrics.add_labelled_gauge(
             "microbatch_cost_per_sample_seconds",
-            "Expected cost per sample of a batch (calibrated, corrected online).",
-            ("model", "device"),
+            "Expected cost per sample of a batch; kind: calibrated, or current (corrected online).",
+            ("model", "device", "kind"),
             lambda: costs(1),
         )
         metrics.add_labelled_gauge(
@@ -255,6 +284,31 @@ class Devices:
             "Largest batch an executor runs in one go (lowered after a CUDA out-of-memory).",
             ("model", "device"),
             lambda: {(m, g.device): float(g.cap(m)) for g in self.gpus for m in g.specs},
+        )
+
+
+def _term(fit: CostFit, term: int) -> float:
+    return (fit.fixed_s, fit.per_sample_s)[term]
+
+
+def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
+    if vetted.problems:
+        log.warning("calibration of %r on %s: %s", model, device_id, "; ".join(vetted.problems))
+    if vetted.dropped:
+        log.warning(
+            "calibration of %r on %s: refitted without the outlier(s) %s (samples, seconds)",
+            model,
+            device_id,
+            ", ".join(f"({n}, {y:.6f})" for n, y in vetted.dropped),
+        )
+    if vetted.points and vetted.rejected:
+        log.error(
+            "calibration of %r on %s rejected: its fit is %.1fx off at a measured batch size "
+            "(more than %.1fx)",
+            model,
+            device_id,
+            1.0 + vetted.misfit,
+            1.0 + MAX_MISFIT,
         )
 
 

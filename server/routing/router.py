@@ -5,7 +5,8 @@ Event loop only; no torch. It keeps its own account of what each executor has in
 expected cost of each batch, and when it started) to estimate backlogs. A batch whose best
 executor has no free slot waits here, assigned to it, and goes out when it frees one; the queue
 is then told of fewer free slots, so the batcher keeps forming batches rather than emptying
-into the router. A batch that failed because its executor died is retried once elsewhere.
+into the router. A batch that failed because its executor died is retried once elsewhere; one
+whose executor's device failed under it (device-lost) is always run elsewhere.
 """
 
 from __future__ import annotations
@@ -203,8 +204,15 @@ class Router:
         done(batch, outcome)
 
     def _retry_elsewhere(self, target: Target, batch: Batch, failure: BatchFailed) -> bool:
-        if batch.attempts >= MAX_ATTEMPTS or target.name == self._fallback:
+        if target.name == self._fallback:
             return False  # the CPU pool retries its own crashed workers
+        if failure.device_lost and not target.alive():
+            # Not bounded by MAX_ATTEMPTS: the batch did not fail, the device did. This ends: a
+            # dead target is never chosen again, so a batch meets each lost GPU at most once
+            # before it reaches the CPU, which never reports a lost device.
+            return True
+        if batch.attempts >= MAX_ATTEMPTS:
+            return False
         return not target.alive() or target.retry_elsewhere(failure)
 
     def _promote(self, state: _TargetState, model: str, now: float) -> None:
