@@ -7,7 +7,6 @@ state and aiohttp's low-level request; app.py maps paths to them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from typing import Any
@@ -114,7 +113,7 @@ async def _infer(
         model, info.inputs, decoded.inputs, info.batching.max_batch_size
     )
     timeout_ms = decoded.timeout_ms or info.batching.timeout_ms
-    future: asyncio.Future[RequestResult] = asyncio.get_running_loop().create_future()
+    future = endpoint.queue.new_future()
     endpoint.queue.submit(
         PendingRequest(
             inputs, samples, single, started, started + timeout_ms / 1000.0, future, decoded.id
