@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from server.batching.pending import PendingRequest, RequestResult
 from server.errors import (
@@ -101,6 +102,8 @@ async def _infer(
         raise _not_serving(state)
     # Shed before the body is read or decoded, so that refusing costs next to nothing.
     endpoint.queue.refuse_early()
+    if "Expect" in request.headers:
+        await _continue(request)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -120,6 +123,19 @@ async def _infer(
         )
     )
     return await future, decoded.id
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` (curl sends it for bodies over 1 MiB, then waits a second
+    for this), once the checks that need no body have passed: a refused client never sends
+    its body. aiohttp's low-level server leaves this to the handler."""
+    if (
+        request.version == HttpVersion11
+        and request.headers["Expect"].lower() == "100-continue"
+        and request.writer is not None
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response
 
 
 def _unknown_model(state: ServerState, model: str) -> ServingError:
