@@ -44,6 +44,14 @@ def request(
         conn.close()
 
 
+def nested(levels: int) -> Any:
+    """A value inside `levels` nested lists: [[...[1]...]], for the nesting limits."""
+    obj: Any = 1
+    for _ in range(levels):
+        obj = [obj]
+    return obj
+
+
 def tensor(arr: np.ndarray) -> dict[str, Any]:
     return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
 

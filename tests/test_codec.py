@@ -24,6 +24,7 @@ from server.protocol.codec import (
     encode_tensor,
     encoding_of,
 )
+from tests.conftest import nested
 
 LIMITS = Limits()
 dtypes = st.sampled_from(SUPPORTED_DTYPES).map(np.dtype)
@@ -218,13 +219,6 @@ def test_json_values_that_fit_are_kept(dtype: str, data: object, expected: np.nd
     np.testing.assert_array_equal(got, expected)
 
 
-def _deep(levels: int) -> object:
-    obj: object = 1
-    for _ in range(levels):
-        obj = [obj]
-    return obj
-
-
 @pytest.mark.parametrize(
     ("obj", "limits", "fragment"),
     [
@@ -244,7 +238,7 @@ def _deep(levels: int) -> object:
             r"30 exceeds max_map_len\(20\), the limit set by server\.max_msgpack_items",
         ),
         (
-            {"inputs": {"x": _deep(10)}},
+            {"inputs": {"x": nested(10)}},
             Limits(max_depth=4),
             r"more than 4 deep \(server\.max_msgpack_depth\)",
         ),

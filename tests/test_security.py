@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.config import ServerSettings
-from tests.conftest import infer_msgpack, request, tensor
+from tests.conftest import infer_msgpack, nested, request, tensor
 from tests.probes import wait_for
 from tests.server_process import ROOT, ServerProcess, start_server
 from tests.wire_strategies import requests, structures
@@ -127,17 +127,10 @@ def test_the_token_opens_every_endpoint(guarded: ServerProcess) -> None:
     assert TOKEN not in guarded.log()  # the effective config is logged redacted
 
 
-def deep(levels: int) -> Any:
-    obj: Any = 1
-    for _ in range(levels):
-        obj = [obj]
-    return obj
-
-
 @pytest.mark.parametrize(
     ("payload", "status", "fragment"),
     [
-        ({"inputs": {"x": deep(40)}}, 400, "more than 16 deep"),
+        ({"inputs": {"x": nested(40)}}, 400, "more than 16 deep"),
         ({"inputs": {"x": tensor(np.ones(10, np.float32))}, "id": "x" * 5000}, 400, "max_str_len"),
         ({"inputs": {f"i{n}": n for n in range(2000)}}, 400, "max_map_len"),
         (
