@@ -90,11 +90,8 @@ class BatchQueue:
 
     def refuse_early(self) -> None:
         """Raise (503) when even a one-sample request would be refused: called before the body
-        is read, so that shedding costs no reading or decoding. Without a deadline only a full
-        queue refuses one sample, so the policy is asked only then (once per request, and it
-        says no far more rarely than it is asked)."""
-        if self._closed or self._queued_samples >= self.settings.max_queue_size:
-            self._admit(1, float("inf"))
+        is read, so that shedding costs no reading or decoding."""
+        self._admit(1, float("inf"))
 
     def _admit(self, samples: int, deadline_at: float) -> None:
         if self._closed:
