@@ -1,4 +1,4 @@
-"""The request dispatcher: a path table over aiohttp's low-level server (`web.Server`), with the
+"""The path table in front of the handlers, over aiohttp's low-level server (`web.Server`), with the
 optional bearer-token check in front of it.
 
 Event loop only. aiohttp's Application layer (router resolution, match info, the middleware
@@ -34,7 +34,7 @@ _GET_ROUTES: dict[str, Handler] = {
 _READ_METHODS = frozenset(("GET", "HEAD"))
 
 
-class Dispatcher:
+class PathTable:
     """Called by aiohttp with each request; answers it from the path table."""
 
     def __init__(self, state: ServerState) -> None:
@@ -95,7 +95,7 @@ def create_server(state: ServerState, access_log: logging.Logger | None) -> web.
         )
 
     return web.Server(
-        Dispatcher(state),
+        PathTable(state),
         request_factory=make_request,
         handler_cancellation=True,  # a client that hangs up cancels its queued request
         access_log=access_log,

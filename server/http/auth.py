@@ -1,7 +1,7 @@
 """Optional bearer-token auth (server.auth_token): every endpoint but /healthz then needs
 `Authorization: Bearer <token>`; without it, 401 unauthorized with `WWW-Authenticate: Bearer`.
 
-Event loop only. The dispatcher (app.py) checks the token only when one is configured, so that
+Event loop only. The path table (app.py) checks the token only when one is configured, so that
 without one the hot infer path pays nothing for it. The comparison is constant-time.
 """
 
