@@ -82,6 +82,9 @@ class WorkersConfig:
     cpu_workers: int = 0
     threads_per_worker: int = 0
     start_timeout_s: float = 120.0
+    # A batch running longer has its worker killed and replaced (0: 50x the calibrated cost of
+    # a full batch, at least 5 s).
+    batch_timeout_s: float = 0.0
 
     def resolved_cpu_workers(self, cores: int) -> int:
         # One core is left to the event loop process.
@@ -193,6 +196,7 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "cpu_workers": ("be >= 0", lambda v: v >= 0),
     "threads_per_worker": ("be >= 0", lambda v: v >= 0),
     "start_timeout_s": ("be > 0", lambda v: v > 0),
+    "batch_timeout_s": ("be >= 0 (0: derived from the model's cost)", lambda v: v >= 0),
     "max_batch_size": ("be >= 1", lambda v: v >= 1),
     "max_delay_ms": ("be >= 0", lambda v: v >= 0),
     "max_queue_size": ("be >= 1", lambda v: v >= 1),

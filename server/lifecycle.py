@@ -79,6 +79,7 @@ async def serve(config: Config) -> int:
         return 0 if stop.is_set() and state.phase is not Phase.FAILED else 1
     _register_gauges(state, pool)
     devices.register_gauges(state.metrics)
+    devices.watch_batches(state.metrics)
     state.phase = Phase.READY
     log.info("ready: serving %s", ", ".join(state.endpoints))
 
@@ -136,7 +137,15 @@ async def _start_pool(
     loop = asyncio.get_running_loop()
     for name, info in models.items():
         dispatcher = devices.dispatcher_for(name)
-        queue = BatchQueue(name, info.batching, dispatcher, state.clock, loop, state.metrics)
+        queue = BatchQueue(
+            name,
+            info.batching,
+            dispatcher,
+            state.clock,
+            loop,
+            state.metrics,
+            calibrated=devices.calibrated_cost(name),
+        )
         state.endpoints[name] = Endpoint(info, queue)
     return True
 

@@ -84,6 +84,7 @@ class Metrics(Collector):
         self._dropped: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._batches: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._samples: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._timeouts: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._latency: defaultdict[str, _LazyHistogram] = defaultdict(
             lambda: _LazyHistogram(LATENCY_BUCKETS_S)
         )
@@ -119,8 +120,11 @@ class Metrics(Collector):
         for request in batch.requests:
             delays.observe(request.dispatched_at - request.arrived_at)
 
-    def batch_failed(self, model: str, samples: int) -> None:
-        self._batches[(model, "", "failed")] += 1
+    def batch_failed(self, model: str, device: str, samples: int) -> None:
+        self._batches[(model, device, "failed")] += 1
+
+    def batch_timeout(self, model: str, device: str) -> None:
+        self._timeouts[(model, device)] += 1
 
     def add_gauge(
         self, name: str, doc: str, label: str, read: Callable[[], dict[str, float]]
@@ -172,8 +176,15 @@ class Metrics(Collector):
         )
         restarts.add_metric([], self.worker_restarts)
         yield restarts
+        yield _counter(
+            "microbatch_batch_timeouts",
+            "Batches that ran past workers.batch_timeout_s: their worker was killed.",
+            ["model", "device"],
+            self._timeouts,
+        )
         retries = CounterMetricFamily(
-            "microbatch_batch_retries", "Batches run again because their worker died."
+            "microbatch_batch_retries",
+            "Batches run again because their worker died or was killed by the watchdog.",
         )
         retries.add_metric([], self.batch_retries)
         yield retries

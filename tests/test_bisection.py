@@ -29,7 +29,10 @@ class PoisonExecutor(FakeExecutor):
         batch, done = self.running.pop(index)
         x = np.concatenate([r.inputs["input"] for r in batch.requests])
         if (x < 0).any():
-            done(batch, BatchFailed("model_error", "negative input", model_raised=True))
+            done(
+                batch,
+                BatchFailed("model_error", "negative input", model_raised=True, device="fake"),
+            )
         else:
             done(batch, BatchDone({"output": x * 2}, 0.001, "fake"))
         for listener in self.listeners:
@@ -127,7 +130,7 @@ async def test_poisoned_request_fails_alone_and_its_batch_mates_get_their_rows()
     # [6] fails -> [3 | 3]: [0..2] passes, [3..5] fails -> [3 | 4, 5] -> [4 | 5]: 4 fails alone.
     assert [len(b.requests) for b in ex.dispatched] == [1, 6, 3, 3, 1, 2, 1, 1]
     assert q.outstanding_samples == 0
-    assert 'microbatch_batches_total{device="",model="m",outcome="failed"} 4.0' in (
+    assert 'microbatch_batches_total{device="fake",model="m",outcome="failed"} 4.0' in (
         metrics.render().decode()
     )
 
@@ -204,7 +207,8 @@ async def test_halves_whose_deadline_passed_or_client_left_are_never_run() -> No
         await bad.future
     assert [b.requests for b in ex.dispatched[1:]] == [[bad]]
     text = metrics.render().decode()
-    assert 'reason="deadline"} 1.0' in text and 'reason="client_gone"} 1.0' in text
+    # `late` got its 504 at its deadline while the batch ran, and was not run again.
+    assert 'reason="deadline_running"} 1.0' in text and 'reason="client_gone"} 1.0' in text
     assert q.outstanding_samples == 0
 
 

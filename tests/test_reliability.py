@@ -29,7 +29,7 @@ from tests.probes import Answer, metric, queued, send, tally, wait_for, work, wo
 from tests.server_process import ServerProcess, start_server
 
 BUSY = "microbatch_busy_workers"
-FAILED = 'microbatch_batches_total{device="",model="work",outcome="failed"}'
+FAILED = 'microbatch_batches_total{device="cpu",model="work",outcome="failed"}'
 COMPUTED = 'microbatch_batch_samples_total{device="cpu",model="work"}'
 
 

@@ -1,5 +1,6 @@
-"""Whether to admit a request: a pure function of a snapshot of one model's queue, and the
-drain estimate it reads (samples answered per second of busy time, as a moving average).
+"""Whether to admit a request: a pure function of a snapshot of one model's queue and of what
+the batch-time estimate (estimate.py) says: samples answered per second of busy time, and the
+time a batch takes.
 
 No asyncio, no clock reads: the queue passes `now` in, so the rules are tested with numbers.
 Shedding here is cheap (a 503 before any work) and keeps the queue short enough that admitted
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Weight of the newest observation in the moving averages: adapts within a few batches.
-_WEIGHT = 0.2
 # A backlog is predicted to drain at this fraction of the measured rate: a busy machine slows
 # down now and then (by 40% for seconds on a shared 2-core box), and a request admitted should
 # still make its deadline when it does. The queue stays deep enough to keep executors busy.
@@ -68,30 +67,3 @@ def _seconds(samples: int, rate: float) -> float:
     if rate <= 0.0:
         return UNKNOWN_RETRY_AFTER_S
     return max(0.001, samples / rate)
-
-
-class DrainEstimate:
-    """Samples answered per second while busy, and the time from dispatch to answer of a batch.
-
-    Idle time is left out (a batch's busy time starts no earlier than the previous answer), so
-    a quiet period does not make a busy pool look slow.
-    """
-
-    def __init__(self) -> None:
-        self.rate = 0.0
-        self.batch_s = 0.0
-        self._last_done_at: float | None = None
-
-    def record(self, now: float, dispatched_at: float, samples: int) -> None:
-        start = dispatched_at
-        if self._last_done_at is not None:
-            start = max(start, self._last_done_at)
-        self._last_done_at = now
-        if now > start:
-            self.rate = _average(self.rate, samples / (now - start))
-        if now > dispatched_at:
-            self.batch_s = _average(self.batch_s, now - dispatched_at)
-
-
-def _average(old: float, new: float) -> float:
-    return new if old == 0.0 else (1.0 - _WEIGHT) * old + _WEIGHT * new

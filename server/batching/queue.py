@@ -1,20 +1,24 @@
 """One model's queue: admission, expiry, batch formation and answering each request.
 
 Event loop only; no torch. Release decisions come from the pure `policy.decide`, admission from
-`admission.admit`, and the halves of a poisoned batch from `bisection.halves`; this class only
-waits (a coalesced call_soon, or a timer at the next deadline), pops and dispatches.
+`admission.admit`, batch times from `estimate.BatchTime`, and the halves of a poisoned batch
+from `bisection.halves`; this class only waits (a coalesced call_soon, or a timer at the next
+deadline, queued or in flight), pops and dispatches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 
-from server.batching.admission import Admission, DrainEstimate, admit
+from server.batching.admission import Admission, admit
 from server.batching.bisection import halves, should_bisect
+from server.batching.estimate import BatchTime, Prior
 from server.batching.pending import PendingRequest, RequestResult, reject, resolve
 from server.batching.policy import QueueSnapshot, decide
+from server.batching.running import Running
 from server.clock import Clock, Timer
 from server.config import BatchingConfig
 from server.errors import (
@@ -39,7 +43,10 @@ class BatchQueue:
         clock: Clock,
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics,
+        calibrated: Prior | None = None,
     ) -> None:
+        """`calibrated`: the model's calibrated batch cost (seconds for n samples), where
+        there is one: what the batch-time estimate returns to once its evidence is old."""
         self.model = model
         self.settings = settings
         self._dispatcher = dispatcher
@@ -57,8 +64,8 @@ class BatchQueue:
         # A lower bound on the queued deadlines (exact after each sweep), so that the common
         # case of nothing expired costs one comparison rather than a scan.
         self._earliest_deadline = float("inf")
-        self._drain = DrainEstimate()
-        self._dispatched_at: dict[Batch, float] = {}
+        self._estimate = BatchTime(calibrated)
+        self._running = Running()
         # Halves of poisoned batches (still counted in flight), run ahead of everything queued.
         self._retries: deque[list[PendingRequest]] = deque()
         self._idle = asyncio.Event()
@@ -96,16 +103,18 @@ class BatchQueue:
     def _admit(self, samples: int, deadline_at: float) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
+        now = self._clock.now()
+        estimate = self._estimate
         shed = admit(
             Admission(
-                now=self._clock.now(),
+                now=now,
                 samples=samples,
                 deadline_at=deadline_at,
                 queued_samples=self._queued_samples,
                 in_flight_samples=self._in_flight_samples,
                 max_queue_size=self.settings.max_queue_size,
-                drain_rate=self._drain.rate,
-                batch_s=self._drain.batch_s,
+                drain_rate=estimate.rate(now),
+                batch_s=estimate.batch_s(now, self.settings.max_batch_size),
             )
         )
         if shed is not None:
@@ -168,9 +177,11 @@ class BatchQueue:
     def _pump_once(self) -> None:
         self._pump_scheduled = False
         now = self._clock.now()
+        self._expire_running(now)
         self._expire(now)
         self._run_retries(now)
         self._note_idle()
+        wake_at: float | None = None
         while self._pending:
             decision = decide(
                 QueueSnapshot(
@@ -184,15 +195,31 @@ class BatchQueue:
                 )
             )
             if not decision.release:
-                self._arm_timer(decision.wake_at)
-                return
+                wake_at = decision.wake_at
+                break
             batch = self._take(now)
             if batch is not None:
                 self._send(batch, now)
+        self._arm_timer(now, wake_at)
 
     def _send(self, batch: Batch, now: float) -> None:
-        self._dispatched_at[batch] = now  # before dispatch: `done` may be called within it
+        # Before dispatch: `done` may be called within it.
+        earliest = min(r.deadline_at for r in batch.requests)
+        self._running.add(batch, now, earliest)
         self._dispatcher.dispatch(batch, self._finish)
+
+    def _expire_running(self, now: float) -> None:
+        """504 at its deadline for a request whose batch has not come back (a stopped or stuck
+        worker): the answer, if it ever comes, then finds the request answered."""
+        for request, running_s in self._running.overdue(now):
+            self._metrics.request_dropped(self.model, "deadline_running")
+            reject(
+                request.future,
+                DeadlineExceeded(
+                    f"deadline passed while its batch of model {self.model!r} was running "
+                    f"(for {running_s * 1000.0:.0f} ms so far)"
+                ),
+            )
 
     def _run_retries(self, now: float) -> None:
         while self._retries and self._dispatcher.free_slots(self.model) > 0:
@@ -208,17 +235,22 @@ class BatchQueue:
 
     def _cutoff(self, now: float) -> float:
         """Deadlines up to this are lost: a batch dispatched now would answer after them."""
-        return now + self._drain.batch_s
+        samples = min(self._queued_samples, self.settings.max_batch_size)
+        return now + self._estimate.batch_s(now, samples, idle=self._in_flight_samples == 0)
 
     def _drop(self, request: PendingRequest, now: float) -> None:
         """A request that will not be computed: its client left, or its deadline passed or
         would pass before a batch dispatched now could answer (504)."""
         if request.is_gone():
-            self._metrics.request_dropped(self.model, "client_gone")
+            if request.future.cancelled():  # else answered already: 504 while it ran
+                self._metrics.request_dropped(self.model, "client_gone")
             return
         self._metrics.request_dropped(self.model, "deadline")
         waited_ms = (now - request.arrived_at) * 1000.0
-        why = "passed" if request.deadline_at <= now else "would pass before its batch finished"
+        why = "passed"
+        if request.deadline_at > now:
+            expected_ms = (self._cutoff(now) - now) * 1000.0
+            why = f"would pass before its batch finished (a batch takes about {expected_ms:.1f} ms)"
         reject(
             request.future,
             DeadlineExceeded(
@@ -263,9 +295,14 @@ class BatchQueue:
         self._pending = kept
         self._earliest_deadline = min((r.deadline_at for r in kept), default=float("inf"))
 
-    def _arm_timer(self, wake_at: float | None) -> None:
-        deadline = self._earliest_deadline - self._drain.batch_s
-        at = deadline if wake_at is None else min(wake_at, deadline)
+    def _arm_timer(self, now: float, wake_at: float | None) -> None:
+        """One timer: the next release, queued deadline or in-flight deadline, whichever first."""
+        at = self._running.earliest_deadline_at
+        if self._earliest_deadline != math.inf:
+            # A queued request is lost once a batch dispatched then would answer too late.
+            at = min(at, self._earliest_deadline - (self._cutoff(now) - now))
+        if wake_at is not None:
+            at = min(at, wake_at)
         if at == float("inf"):
             return
         if self._timer is not None and self._timer_at <= at:
@@ -284,7 +321,9 @@ class BatchQueue:
         the model raised on, so that only the request(s) that make it raise fail."""
         self._in_flight_samples -= batch.samples
         now = self._clock.now()
-        self._drain.record(now, self._dispatched_at.pop(batch, now), batch.samples)
+        # A batch that ran twice (its worker died) timed a restart, not the model.
+        clean = isinstance(outcome, BatchDone) and batch.attempts <= 1
+        self._estimate.record(now, self._running.pop(batch, now), batch.samples, clean=clean)
         if isinstance(outcome, BatchDone):
             self._answer(batch, outcome)
         elif should_bisect(outcome.code, outcome.model_raised, len(batch.requests)):
@@ -311,7 +350,7 @@ class BatchQueue:
         self._metrics.batch_done(self.model, outcome.device, batch, outcome.compute_s)
 
     def _bisect(self, batch: Batch, outcome: BatchFailed) -> None:
-        self._metrics.batch_failed(self.model, batch.samples)
+        self._metrics.batch_failed(self.model, outcome.device, batch.samples)
         first, second = halves(batch.requests, [r.samples for r in batch.requests])
         self._retries.extend((first, second))
         self._in_flight_samples += batch.samples
@@ -330,7 +369,7 @@ class BatchQueue:
         error = error_for_code(outcome.code, outcome.message)
         for request in batch.requests:
             reject(request.future, error)
-        self._metrics.batch_failed(self.model, batch.samples)
+        self._metrics.batch_failed(self.model, outcome.device, batch.samples)
         if outcome.model_raised:
             for request in batch.requests:
                 log.info(

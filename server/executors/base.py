@@ -40,6 +40,7 @@ class BatchFailed:
     # The executor's device failed (a sticky CUDA error): the batch may well be innocent, so
     # the router runs it on another executor whatever its attempts (routing/router.py).
     device_lost: bool = False
+    device: str = ""  # where it failed, for the metrics ("" where it never reached one)
 
 
 BatchOutcome = BatchDone | BatchFailed

@@ -3,6 +3,7 @@ the worker's shared memory, and reads results through loop.add_reader (no thread
 
 Event loop only; never imports torch (the workers do). A dead worker is replaced; its batches
 are retried once on another worker, then failed with model_error, so no request goes unanswered.
+A worker whose batch runs past workers.batch_timeout_s (watchdog.py) is killed, and the same.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
@@ -29,6 +32,7 @@ from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
 from server.executors.framing import FrameReader
 from server.executors.model_info import ModelInfo
 from server.executors.shm_layout import ModelPlaces, plan_layout
+from server.executors.watchdog import Watchdog
 from server.executors.worker_entry import WorkerSetup, run_worker
 from server.metrics import Metrics
 from server.models.spec import TensorSpec
@@ -48,15 +52,24 @@ class PoolStartError(RuntimeError):
 
 
 class _InFlight:
-    __slots__ = ("batch", "done", "slot")
+    __slots__ = ("batch", "done", "slot", "started_at", "timed_out")
 
     def __init__(self, batch: Batch, done: DoneCallback, slot: int) -> None:
         self.batch, self.done, self.slot = batch, done, slot
+        self.started_at = time.monotonic()
+        self.timed_out = False  # the watchdog killed its worker
+
+    @property
+    def model(self) -> str:
+        return self.batch.model
 
 
 class _Worker:
-    def __init__(self, index: int, process: BaseProcess, conn: Connection) -> None:
+    def __init__(
+        self, index: int, process: BaseProcess, conn: Connection, watchdog: Watchdog[_InFlight]
+    ) -> None:
         self.index = index
+        self.watchdog = watchdog
         self.process = process
         self.conn = conn
         self.ready = False
@@ -108,6 +121,8 @@ class CpuPool:
         self._stopping = False
         self._failures: dict[int, int] = {}
         self._started = False  # after start(): a worker that fails is replaced, not fatal
+        self._batch_timeouts: dict[str, float] = {}  # none until set: start-up is not watched
+        self._on_timeout: Callable[[str], None] = lambda model: None
 
     # Start and stop ------------------------------------------------------------------------
     async def start(self, timeout_s: float) -> dict[str, ModelInfo]:
@@ -159,7 +174,10 @@ class CpuPool:
         process.start()
         # Our copy of the child's end must go, or its death would never read as EOF here.
         child_conn.close()
-        worker = _Worker(index, process, parent_conn)
+        worker = _Worker(
+            index, process, parent_conn, Watchdog[_InFlight](lambda: self._on_stuck(worker))
+        )
+        worker.watchdog.watch(self._batch_timeouts, worker.by_seq.values)
         if not self._started:
             worker.started = asyncio.get_running_loop().create_future()
         self._workers[index] = worker
@@ -199,6 +217,8 @@ class CpuPool:
             self._send(worker, ["run", seq, slot, batch.model, batch.samples])
         except OSError:
             self._on_death(worker)
+            return
+        worker.watchdog.started()
 
     def _stage_inputs(self, index: int, slot: int, batch: Batch) -> None:
         inputs, _ = self._views[index][slot][batch.model]
@@ -264,7 +284,9 @@ class CpuPool:
         else:
             # The worker reports only the model's own exceptions this way. Answered first, so
             # that the halves of a poisoned batch take the freed slot ahead of the queue.
-            failed = BatchFailed(str(message[2]), str(message[3]), model_raised=True)
+            failed = BatchFailed(
+                str(message[2]), str(message[3]), model_raised=True, device=self.device
+            )
             flight.done(batch, failed)
             self._capacity_freed()
 
@@ -322,6 +344,36 @@ class CpuPool:
         self._on_death(worker)
 
     # Death and replacement -----------------------------------------------------------------
+    def set_batch_timeouts(
+        self, limits: Mapping[str, float], on_timeout: Callable[[str], None]
+    ) -> None:
+        """Watch every batch from now on: model -> seconds; on_timeout(model) counts a kill."""
+        self._batch_timeouts.clear()
+        self._batch_timeouts.update(limits)
+        self._on_timeout = on_timeout
+
+    def _on_stuck(self, worker: _Worker) -> None:
+        """The watchdog: a batch ran past its limit. Its worker is killed and handled as dead
+        (replaced, the batch retried once); a kill is certain, unlike a stop request."""
+        now = time.monotonic()
+        for flight in worker.watchdog.overdue(now):
+            flight.timed_out = True
+            self._on_timeout(flight.model)
+            log.error(
+                "CPU worker %d (pid %s) has run a batch of %d samples of model %r for %.1f s, "
+                "past workers.batch_timeout_s (%.1f s); killing it",
+                worker.index,
+                worker.process.pid,
+                flight.batch.samples,
+                flight.model,
+                now - flight.started_at,
+                self._batch_timeouts[flight.model],
+            )
+        with contextlib.suppress(ProcessLookupError):
+            if worker.process.pid is not None:
+                os.kill(worker.process.pid, signal.SIGKILL)
+        self._on_death(worker)
+
     def _on_death(self, worker: _Worker) -> None:
         if not worker.alive:
             return
@@ -347,14 +399,16 @@ class CpuPool:
             if flight.batch.attempts < MAX_ATTEMPTS:
                 self._metrics.batch_retries += 1
                 self._retry.append((flight.batch, flight.done))
-            else:
-                flight.done(
-                    flight.batch,
-                    BatchFailed(
-                        ErrorCode.MODEL_ERROR.value,
-                        "the worker process died while running this batch, and again on retry",
-                    ),
+            elif flight.timed_out:
+                limit = self._batch_timeouts[flight.model]
+                message = (
+                    f"the batch ran past workers.batch_timeout_s ({limit:g} s) and its worker "
+                    "was killed, twice (on retry too)"
                 )
+                flight.done(flight.batch, self._failed(message))
+            else:
+                message = "the worker process died while running this batch, and again on retry"
+                flight.done(flight.batch, self._failed(message))
         worker.by_seq.clear()
         worker.slots = [None] * SLOTS_PER_WORKER
 
@@ -364,6 +418,7 @@ class CpuPool:
 
     def _close_worker(self, worker: _Worker, *, send_stop: bool) -> None:
         worker.alive = worker.ready = False
+        worker.watchdog.stop()
         asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         if send_stop:
             with contextlib.suppress(OSError):
@@ -372,8 +427,11 @@ class CpuPool:
 
     def _fail_in_flight(self, worker: _Worker, code: ErrorCode, message: str) -> None:
         for flight in list(worker.by_seq.values()):
-            flight.done(flight.batch, BatchFailed(code.value, message))
+            flight.done(flight.batch, BatchFailed(code.value, message, device=self.device))
         worker.by_seq.clear()
+
+    def _failed(self, message: str) -> BatchFailed:
+        return BatchFailed(ErrorCode.MODEL_ERROR.value, message, device=self.device)
 
     def _capacity_freed(self) -> None:
         while self._retry and any(
@@ -398,6 +456,21 @@ class CpuPool:
 
     def live_workers(self) -> int:
         return sum(1 for w in self._workers.values() if w.ready)
+
+    def unavailable(self) -> str | None:
+        """Why no worker can run a batch now (none ready, or each stalled in one), or None."""
+        ready = [w for w in self._workers.values() if w.ready]
+        if not ready:
+            return f"no CPU worker is ready ({len(self._workers)} restarting)"
+        now = time.monotonic()
+        stalled = [w.watchdog.stalled_s(now) for w in ready]
+        if any(s is None for s in stalled):
+            return None
+        longest = max(s for s in stalled if s is not None)
+        return (
+            f"every CPU worker has been running one batch for over {longest:.1f} s "
+            "(a stuck batch; workers.batch_timeout_s ends it)"
+        )
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers.values() if w.alive and w.process.pid]

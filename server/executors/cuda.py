@@ -5,7 +5,8 @@ Event loop only (the probe is a blocking subprocess call meant for a thread); ne
 torch: the worker (cuda_worker.py) does. A GPU worker that dies is not replaced: its batches
 fail back to the router, which retries them elsewhere, and the device is left out from then on;
 one that reports its device lost (a sticky CUDA error) before exiting is left out at once, its
-batches failed as device-lost, which the router always runs elsewhere.
+batches failed as device-lost, which the router always runs elsewhere. A batch that runs past
+workers.batch_timeout_s (watchdog.py) has the worker killed, and is then handled as for a death.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -34,6 +38,7 @@ from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
 from server.executors.shm_layout import plan_layout
+from server.executors.watchdog import Watchdog
 from server.models.spec import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -93,10 +98,15 @@ def _torch_has_gpu_library() -> bool:
 
 
 class _InFlight:
-    __slots__ = ("batch", "done", "slot")
+    __slots__ = ("batch", "done", "slot", "started_at")
 
     def __init__(self, batch: Batch, done: DoneCallback, slot: int) -> None:
         self.batch, self.done, self.slot = batch, done, slot
+        self.started_at = time.monotonic()
+
+    @property
+    def model(self) -> str:
+        return self.batch.model
 
 
 class CudaExecutor:
@@ -129,6 +139,10 @@ class CudaExecutor:
         self.specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         self.caps = {m.name: m.batching.max_batch_size for m in models}
         self.calibration: dict[str, list[tuple[int, float]]] = {}
+        self._batch_timeouts: dict[str, float] = {}
+        self._on_timeout: Callable[[str], None] = lambda model: None
+        self._watchdog = Watchdog[_InFlight](self._on_stuck)
+        self._watchdog.watch(self._batch_timeouts, self._by_seq.values)
 
     # Start and stop ------------------------------------------------------------------------
     async def start(self, timeout_s: float, plan: Mapping[str, Sequence[int]]) -> None:
@@ -219,6 +233,15 @@ class CudaExecutor:
     def in_flight(self) -> int:
         return len(self._by_seq)
 
+    def unavailable(self) -> str | None:
+        """Why this GPU cannot run a batch now (its worker is gone, or stalled), or None."""
+        if not self._alive:
+            return f"{self.device} is out of service"
+        stalled = self._watchdog.stalled_s(time.monotonic())
+        if stalled is None:
+            return None
+        return f"{self.device} has been running one batch for over {stalled:.1f} s"
+
     # Dispatcher protocol -------------------------------------------------------------------
     def free_slots(self, model: str) -> int:
         if not self._alive or model not in self.specs:
@@ -257,6 +280,34 @@ class CudaExecutor:
             self._send(["run", seq, slot, batch.model, batch.samples])
         except OSError:
             self._on_death()
+            return
+        self._watchdog.started()
+
+    def set_batch_timeouts(
+        self, limits: Mapping[str, float], on_timeout: Callable[[str], None]
+    ) -> None:
+        """Watch every batch from now on: model -> seconds; on_timeout(model) counts a kill."""
+        self._batch_timeouts.clear()
+        self._batch_timeouts.update(limits)
+        self._on_timeout = on_timeout
+
+    def _on_stuck(self) -> None:
+        """The watchdog: a batch ran past its limit. The worker is killed and handled as dead:
+        its batches go back to the router, which runs them elsewhere."""
+        for flight in self._watchdog.overdue(time.monotonic()):
+            self._on_timeout(flight.model)
+            log.error(
+                "%s has run a batch of %d samples of model %r past workers.batch_timeout_s "
+                "(%.1f s); killing its worker",
+                self.device,
+                flight.batch.samples,
+                flight.model,
+                self._batch_timeouts[flight.model],
+            )
+        if self._process is not None and self._process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, signal.SIGKILL)
+        self._on_death(f"the {self.device} worker was killed: a batch ran past its time limit")
 
     # Worker messages -----------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -293,7 +344,10 @@ class CudaExecutor:
             flight.done(batch, BatchDone(result, float(message[2]), self.device))
         else:
             raised = len(message) > 4 and bool(message[4])
-            flight.done(batch, BatchFailed(str(message[2]), str(message[3]), model_raised=raised))
+            failed = BatchFailed(
+                str(message[2]), str(message[3]), model_raised=raised, device=self.device
+            )
+            flight.done(batch, failed)
         for listener in self._listeners:
             listener()
 
@@ -327,14 +381,17 @@ class CudaExecutor:
         reported = self._by_seq.pop(seq, None)
         if reported is not None:
             reported.done(
-                reported.batch, BatchFailed(ErrorCode.MODEL_ERROR.value, message, device_lost=True)
+                reported.batch,
+                BatchFailed(
+                    ErrorCode.MODEL_ERROR.value, message, device_lost=True, device=self.device
+                ),
             )
         lost = f"{self.device} failed while this batch was on it"
         self._fail_in_flight(ErrorCode.MODEL_ERROR, lost, device_lost=True)
         for listener in self._listeners:
             listener()
 
-    def _on_death(self) -> None:
+    def _on_death(self, why: str = "") -> None:
         if self._phase is not None:
             self._fail_start(f"the {self.device} worker exited during start-up")
             return
@@ -343,7 +400,7 @@ class CudaExecutor:
         self._alive = False
         log.error("the %s worker died; its batches go to the other executors", self.device)
         self._close_conn()
-        self._fail_in_flight(ErrorCode.MODEL_ERROR, f"the {self.device} worker died")
+        self._fail_in_flight(ErrorCode.MODEL_ERROR, why or f"the {self.device} worker died")
         for listener in self._listeners:
             listener()
 
@@ -353,9 +410,11 @@ class CudaExecutor:
         for slots in self._slots.values():
             slots[:] = [None] * len(slots)
         for flight in flights:
-            flight.done(flight.batch, BatchFailed(code.value, message, device_lost=device_lost))
+            failed = BatchFailed(code.value, message, device_lost=device_lost, device=self.device)
+            flight.done(flight.batch, failed)
 
     def _close_conn(self) -> None:
+        self._watchdog.stop()
         if self._conn is not None and not self._conn.closed:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._conn.fileno())

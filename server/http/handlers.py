@@ -154,6 +154,7 @@ def _not_serving(state: ServerState) -> ServingError:
 async def list_models(state: ServerState, request: web.BaseRequest) -> web.Response:
     pool = state.pool
     devices = state.devices
+    unavailable = _unavailable(state)
     models: list[dict[str, Any]] = []
     for cfg in state.config.models:
         endpoint = state.endpoints.get(cfg.name)
@@ -173,6 +174,10 @@ async def list_models(state: ServerState, request: web.BaseRequest) -> web.Respo
                     "timeout_ms": batching.timeout_ms,
                 },
                 "routing": cfg.placement.routing,
+                # Whether some executor can run its batches now (none: every worker restarting
+                # or stuck in a batch), and why not.
+                "available": endpoint is not None and unavailable.get(cfg.name) is None,
+                "unavailable": unavailable.get(cfg.name),
                 # devices (where its batches may run), costs (calibrated and current), crossover
                 **(devices.describe(cfg.name) if devices else {"devices": ["cpu"]}),
                 "queued_samples": endpoint.queue.queued_samples if endpoint else 0,
@@ -211,7 +216,20 @@ async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
         body["reason"] = state.failure
     if state.missing:  # server.on_model_failure = serve_others: ready, without these
         body["missing"] = state.missing
-    return _plain(request, body, status=200 if state.phase is Phase.READY else 503)
+    ready = state.phase is Phase.READY
+    unavailable = _unavailable(state) if ready else {}
+    if unavailable:  # no worker can run these now: a load balancer should look elsewhere
+        body["status"], body["unavailable"] = "unavailable", unavailable
+    return _plain(request, body, status=200 if ready and not unavailable else 503)
+
+
+def _unavailable(state: ServerState) -> dict[str, str]:
+    """Served models that no executor can run now, with why."""
+    devices = state.devices
+    if devices is None or state.phase is not Phase.READY:
+        return {}
+    reasons = {name: devices.unavailable(name) for name in state.endpoints}
+    return {name: why for name, why in reasons.items() if why is not None}
 
 
 async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:

@@ -22,6 +22,7 @@ from server.executors.cuda import (
     probe_cuda_blocking,
 )
 from server.executors.model_info import ModelInfo
+from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
 from server.routing import calibration as cal
 from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
@@ -55,6 +56,7 @@ class Devices:
         self.gpus: list[CudaExecutor] = []
         self.router: Router | None = None
         self._rejected: dict[str, list[str]] = {}  # model -> devices whose calibration failed
+        self._untrusted: set[tuple[str, str]] = set()  # the same as (model, device name)
 
     async def prepare(self, threads: int) -> dict[str, list[int]]:
         """Starts the CUDA probe and reads the cache; returns what the CPU pool should time."""
@@ -100,6 +102,8 @@ class Devices:
             gpu_id = cal.cuda_device_id(gpu.gpu_name)
             for name in gpu.specs:
                 costs[(name, gpu.device)] = self._points(name, gpu_id, gpu.calibration, fresh)
+        ids = {CPU: self._cpu_id, **{g.device: cal.cuda_device_id(g.gpu_name) for g in self.gpus}}
+        self._untrusted = {(m, d) for m, d in costs if ids[d] in self._rejected.get(m, ())}
         if fresh:
             log.info("calibrated: %s", "; ".join(sorted(fresh)))
         await asyncio.to_thread(cal.save_cache_blocking, self._cache_path, fresh)
@@ -217,6 +221,69 @@ class Devices:
             self._probing.cancel()
         for gpu in self.gpus:
             await gpu.stop()
+
+    def calibrated_cost(self, model: str) -> Callable[[int], float] | None:
+        """The model's calibrated batch cost, seconds for n samples, at its cheapest among the
+        devices it may use (a batch goes where it finishes first); None where nothing usable
+        was measured (the calibration failed its check, or no executor timed it)."""
+        if self.router is None:
+            return None
+        fits = [
+            calibrated
+            for (name, device), (calibrated, _, _) in self.router.costs().items()
+            if name == model
+            and device in self.router.route(model)
+            and calibrated is not UNKNOWN_COST
+            and (name, device) not in self._untrusted
+        ]
+        if not fits:
+            return None
+        if len(fits) == 1:
+            return fits[0].cost_s
+        return lambda samples: min(fit.cost_s(samples) for fit in fits)
+
+    def watch_batches(self, metrics: Metrics) -> None:
+        """Starts the stuck-batch watchdogs: each executor gets every model's time limit there
+        (workers.batch_timeout_s, or derived from that device's calibrated cost)."""
+        configured = self._config.workers.batch_timeout_s
+        executors: list[tuple[str, CpuPool | CudaExecutor]] = []
+        if self._pool is not None:
+            executors.append((CPU, self._pool))
+        executors += [(g.device, g) for g in self.gpus]
+        for device, executor in executors:
+            limits = {
+                name: batch_timeout_s(configured, self._full_batch_s(name, device))
+                for name in self._infos
+            }
+
+            def count(model: str, device: str = device) -> None:
+                metrics.batch_timeout(model, device)
+
+            executor.set_batch_timeouts(limits, count)
+
+    def _full_batch_s(self, model: str, device: str) -> float | None:
+        if self.router is None or (model, device) in self._untrusted:
+            return None
+        calibrated = self.router.costs().get((model, device), (UNKNOWN_COST,))[0]
+        if calibrated is UNKNOWN_COST:
+            return None
+        return calibrated.cost_s(self._infos[model].batching.max_batch_size)
+
+    def unavailable(self, model: str) -> str | None:
+        """Why no executor can run this model's batches now, or None if one can."""
+        reasons = []
+        for device in self.devices_of(model):
+            executor = self._pool if device == CPU else self._gpu(device)
+            if executor is None:
+                continue
+            why = executor.unavailable()
+            if why is None:
+                return None
+            reasons.append(why)
+        return "; ".join(reasons) or None
+
+    def _gpu(self, device: str) -> CudaExecutor | None:
+        return next((g for g in self.gpus if g.device == device), None)
 
     # What /v1/models and /metrics show -----------------------------------------------------
     def devices_of(self, model: str) -> list[str]:
