@@ -66,6 +66,8 @@ def test_health_answers_carry_a_json_body(default_server: ServerProcess) -> None
     assert ready == {"name": "mlp", "ready": True}
 
 
+# A gzip header, then a deflate block of the invalid type 3.
+CORRUPT_GZIP = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xff\xff\xff\xff"
 BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("not json", b"{", {}, 400, "not valid JSON"),
     ("not an object", b"[1]", {}, 400, "JSON object"),
@@ -117,7 +119,7 @@ BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int, str]] = [
         400,
         "Inference-Header-Content-Length",
     ),
-    ("corrupt gzip", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, 400, "corrupt"),
+    ("corrupt gzip", CORRUPT_GZIP, {"Content-Encoding": "gzip"}, 400, "corrupt"),
     ("unknown coding", body_of(linear_input()), {"Content-Encoding": "compress"}, 415, "compress"),
     (
         "too many elements",
