@@ -1,8 +1,9 @@
 """HTTP handlers: decode, validate, queue, await the batch, encode. Errors become responses in
 one place (`error_response`), in the request's own encoding.
 
-Event loop only; no torch. The infer handler is the hot path. Each handler takes the server
-state and aiohttp's low-level request; app.py maps paths to them.
+Event loop only; no torch. The infer handler is the hot path; `run_infer`, its protocol-free
+part, also serves /v2 (oip_handlers.py). Each handler takes the server state and aiohttp's
+low-level request; app.py maps paths to them.
 """
 
 from __future__ import annotations
