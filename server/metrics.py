@@ -7,8 +7,10 @@ prometheus_client Histogram.observe. Rendering uses prometheus_client's own expo
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,6 +77,23 @@ def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and value >= 1 else repr(float(value))
 
 
+@dataclass(frozen=True)
+class ModelTotals:
+    """One model's totals since start-up, for the /v2 statistics extension (seconds and counts)."""
+
+    ok_requests: int
+    ok_latency_s: float
+    failed_requests: int
+    failed_latency_s: float
+    queued_requests: int
+    queue_s: float
+    samples: int  # computed in batches that succeeded
+    batches: int
+    compute_s: float
+    by_batch_size: dict[int, tuple[int, float]]  # samples -> (batches, compute seconds)
+    last_batch_at: float  # wall-clock time of the last successful batch (time.time()), or 0
+
+
 class Metrics(Collector):
     """Every metric the server exports; one instance per server, with its own registry."""
 
@@ -97,6 +116,9 @@ class Metrics(Collector):
         self._batch_size: defaultdict[tuple[str, ...], _LazyHistogram] = defaultdict(
             lambda: _LazyHistogram(BATCH_SIZE_BUCKETS)
         )
+        self._latency_sum: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        self._by_batch_size: dict[tuple[str, int], tuple[int, float]] = {}
+        self._last_batch_at: dict[str, float] = {}
         self.worker_restarts = 0
         self.batch_retries = 0  # batches run again because their worker died
         self._gauges: list[tuple[str, str, str, Callable[[], dict[str, float]]]] = []
@@ -105,7 +127,9 @@ class Metrics(Collector):
 
     # Events -------------------------------------------------------------------------------
     def request_done(self, model: str, code: str, latency_s: float) -> None:
-        self._requests[(model, code)] += 1
+        key = (model, code)
+        self._requests[key] += 1
+        self._latency_sum[key] += latency_s
         self._latency[model].observe(latency_s)
 
     def request_dropped(self, model: str, reason: str) -> None:
@@ -119,6 +143,9 @@ class Metrics(Collector):
         delays = self._queue_delay[model]
         for request in batch.requests:
             delays.observe(request.dispatched_at - request.arrived_at)
+        count, seconds = self._by_batch_size.get((model, batch.samples), (0, 0.0))
+        self._by_batch_size[(model, batch.samples)] = (count + 1, seconds + compute_s)
+        self._last_batch_at[model] = time.time()  # a timestamp for reports, never a duration
 
     def batch_failed(self, model: str, device: str, samples: int) -> None:
         self._batches[(model, device, "failed")] += 1
@@ -143,6 +170,30 @@ class Metrics(Collector):
         self._labelled_gauges.append((name, doc, labels, read))
 
     # Export -------------------------------------------------------------------------------
+    def model_totals(self, model: str) -> ModelTotals:
+        """Read at request time by /v2/models/.../stats (not on the infer path)."""
+        ok_key = (model, "ok")
+        failed = [k for k in self._requests if k[0] == model and k != ok_key]
+        queue = self._queue_delay.get(model)
+        if queue is not None:
+            queue.flush()
+        computes = [h for (m, _), h in self._compute.items() if m == model]
+        for hist in computes:
+            hist.flush()
+        return ModelTotals(
+            ok_requests=self._requests.get(ok_key, 0),
+            ok_latency_s=self._latency_sum.get(ok_key, 0.0),
+            failed_requests=sum(self._requests[k] for k in failed),
+            failed_latency_s=sum(self._latency_sum[k] for k in failed),
+            queued_requests=int(queue.counts.sum()) if queue else 0,
+            queue_s=queue.total if queue else 0.0,
+            samples=sum(n for (m, _), n in self._samples.items() if m == model),
+            batches=sum(n for (m, _, o), n in self._batches.items() if m == model and o == "ok"),
+            compute_s=sum(h.total for h in computes),
+            by_batch_size={n: v for (m, n), v in sorted(self._by_batch_size.items()) if m == model},
+            last_batch_at=self._last_batch_at.get(model, 0.0),
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -48,6 +48,49 @@ class Slow(torch.nn.Module):
         return x + 1.0 + 0.0 * acc[0, 0]
 
 
+class EveryDtype(torch.nn.Module):
+    """One input per wire dtype, each answered in its own dtype: `{name}_out` is the input
+    negated for bool, plus one for integers, times two for floats."""
+
+    def forward(
+        self,
+        b: torch.Tensor,
+        u8: torch.Tensor,
+        i8: torch.Tensor,
+        i16: torch.Tensor,
+        i32: torch.Tensor,
+        i64: torch.Tensor,
+        f16: torch.Tensor,
+        f32: torch.Tensor,
+        f64: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "b_out": ~b,
+            "u8_out": u8 + 1,
+            "i8_out": i8 + 1,
+            "i16_out": i16 + 1,
+            "i32_out": i32 + 1,
+            "i64_out": i64 + 1,
+            "f16_out": f16 * 2.0,
+            "f32_out": f32 * 2.0,
+            "f64_out": f64 * 2.0,
+        }
+
+
+# The `--model` spec of EveryDtype: each input per sample of shape [3].
+EVERY_DTYPE_INPUTS = {
+    "b": "bool",
+    "u8": "uint8",
+    "i8": "int8",
+    "i16": "int16",
+    "i32": "int32",
+    "i64": "int64",
+    "f16": "float16",
+    "f32": "float32",
+    "f64": "float64",
+}
+
+
 def save_script(module: torch.nn.Module, path: Path) -> Path:
     torch.jit.save(torch.jit.script(module), str(path))
     return path

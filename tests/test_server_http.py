@@ -167,7 +167,7 @@ def test_wrong_method_is_405_with_allow(default_server: ServerProcess) -> None:
 
 
 def test_unknown_path_is_404(default_server: ServerProcess) -> None:
-    status, _, body = request(default_server.url, "GET", "/v2/nothing")
+    status, _, body = request(default_server.url, "GET", "/v3/nothing")  # /v2 is OIP's
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
 
 

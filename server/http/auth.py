@@ -1,5 +1,6 @@
-"""Optional bearer-token auth (server.auth_token): every endpoint but /healthz then needs
-`Authorization: Bearer <token>`; without it, 401 unauthorized with `WWW-Authenticate: Bearer`.
+"""Optional bearer-token auth (server.auth_token): every endpoint but the liveness probes
+(/healthz, and /v2/health/live for OIP) then needs `Authorization: Bearer <token>`; without it,
+401 unauthorized with `WWW-Authenticate: Bearer`.
 
 Event loop only. The path table (app.py) checks the token only when one is configured, so that
 without one the hot infer path pays nothing for it. The comparison is constant-time.
@@ -14,8 +15,8 @@ from aiohttp import web
 from server.errors import Unauthorized
 from server.http.handlers import error_response, reply_encoding
 
-# A liveness probe must work without the secret; it says nothing but "alive".
-OPEN_PATHS = frozenset(("/healthz",))
+# Liveness probes (/v1 and OIP) must work without the secret; they say nothing but "alive".
+OPEN_PATHS = frozenset(("/healthz", "/v2/health/live"))
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
 
 

@@ -1,21 +1,25 @@
 """HTTP handlers: decode, validate, queue, await the batch, encode. Errors become responses in
 one place (`error_response`), in the request's own encoding.
 
-Event loop only; no torch. The infer handler is the hot path. Each handler takes the server
-state and aiohttp's low-level request; app.py maps paths to them.
+Event loop only; no torch. The infer handler is the hot path; `run_infer`, its protocol-free
+part, also serves /v2 (oip_handlers.py). Each handler takes the server state and aiohttp's
+low-level request; app.py maps paths to them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from server.batching.pending import PendingRequest, RequestResult
 from server.errors import (
+    BadRequest,
     ErrorCode,
     NotReady,
     PayloadTooLarge,
@@ -26,10 +30,12 @@ from server.errors import (
 )
 from server.http.state import Phase, ServerState
 from server.models.matching import match_inputs
+from server.models.spec import TensorSpec
 from server.protocol.codec import (
     CONTENT_TYPE_OF,
     JSON,
     MSGPACK,
+    Limits,
     decode_request,
     encode,
     encode_tensor,
@@ -38,6 +44,21 @@ from server.protocol.codec import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Decoded(Protocol):
+    """What a protocol's request decoder hands to `run_infer` (/v1's InferRequest, /v2's)."""
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def timeout_ms(self) -> float | None: ...
+
+
+D = TypeVar("D", bound=Decoded)
+C = TypeVar("C")
 
 
 def reply_encoding(request: web.BaseRequest) -> str:
@@ -69,7 +90,7 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
     encoding: str | None = None
     try:
         encoding = encoding_of(request.headers.get("Content-Type", ""))
-        result, request_id = await _infer(state, request, model, encoding, started)
+        result, decoded = await run_infer(state, request, model, started, decode_request, encoding)
     except ServingError as error:
         state.metrics.request_done(model, error.code.value, state.clock.now() - started)
         return error_response(error, encoding or reply_encoding(request))
@@ -80,7 +101,7 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
         return error_response(internal, encoding or reply_encoding(request))
     body = {
         "outputs": {name: encode_tensor(arr, encoding) for name, arr in result.outputs.items()},
-        "id": request_id,
+        "id": decoded.id,
         "model": model,
         "batch_size": result.batch_size,
         "device": result.device,
@@ -92,12 +113,22 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
     return response
 
 
-async def _infer(
-    state: ServerState, request: web.BaseRequest, model: str, encoding: str, started: float
-) -> tuple[RequestResult, str | None]:
+async def run_infer(
+    state: ServerState,
+    request: web.BaseRequest,
+    model: str,
+    started: float,
+    decode: Callable[[bytes, C, Limits], D],
+    context: C,
+    *,
+    batch_dim_required: bool = False,
+) -> tuple[RequestResult, D]:
+    """One request of either protocol through the same checks, admission, limits and queue:
+    `decode(body, context, limits)` is the protocol's own part. `batch_dim_required`: every
+    tensor must carry the batch dimension first (OIP), so no shape is read as one sample."""
     endpoint = state.endpoints.get(model)
     if endpoint is None:
-        raise _unknown_model(state, model)
+        raise unknown_model(state, model)
     if state.phase is not Phase.READY:
         raise _not_serving(state)
     # Shed before the body is read or decoded, so that refusing costs next to nothing.
@@ -105,16 +136,26 @@ async def _infer(
     if "Expect" in request.headers:
         await _continue(request)
     try:
+        # aiohttp's parser inflates a gzip/deflate/br/zstd body in bounded steps, and the
+        # size limit applies to the inflated bytes: a small "zip bomb" is a 413, not a GiB.
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
-            f"body exceeds server.max_body_bytes ({state.config.server.max_body_bytes} bytes)"
+            f"body exceeds server.max_body_bytes ({state.config.server.max_body_bytes} bytes, "
+            "counted after Content-Encoding is undone)"
         ) from None
-    decoded = decode_request(body, encoding, state.limits)
+    except web.RequestPayloadError:  # a corrupt compressed body, or one cut short
+        coding = request.headers.get("Content-Encoding", "identity")
+        raise BadRequest(
+            f"body could not be read (Content-Encoding {coding}): corrupt or truncated"
+        ) from None
+    decoded = decode(body, context, state.limits)
     info = endpoint.info
     inputs, samples, single = match_inputs(
         model, info.inputs, decoded.inputs, info.batching.max_batch_size
     )
+    if single and batch_dim_required:
+        raise _batch_dim_missing(model, endpoint.info.inputs)
     timeout_ms = decoded.timeout_ms or info.batching.timeout_ms
     future = endpoint.queue.new_future()
     endpoint.queue.submit(
@@ -122,7 +163,15 @@ async def _infer(
             inputs, samples, single, started, started + timeout_ms / 1000.0, future, decoded.id
         )
     )
-    return await future, decoded.id
+    return await future, decoded
+
+
+def _batch_dim_missing(model: str, specs: tuple[TensorSpec, ...]) -> BadRequest:
+    takes = ", ".join(f"{s.name} {[-1, *s.shape]}" for s in specs)
+    return BadRequest(
+        f"tensors carry the batch dimension first: model {model!r} takes {takes}; "
+        "send shape [1, ...] for one sample"
+    )
 
 
 async def _continue(request: web.BaseRequest) -> None:
@@ -138,7 +187,7 @@ async def _continue(request: web.BaseRequest) -> None:
         request.writer.output_size = 0  # the interim answer is not part of the response
 
 
-def _unknown_model(state: ServerState, model: str) -> ServingError:
+def unknown_model(state: ServerState, model: str) -> ServingError:
     why = state.missing.get(model)
     if why is not None:
         return UnknownModel(f"model {model!r} is not served: it failed to load ({why})")
