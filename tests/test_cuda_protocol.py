@@ -256,6 +256,24 @@ async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
     assert executor._process is not None and executor._process.exitcode == 3
 
 
+async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None:
+    executor = CudaExecutor(0, models(instances=1), worker=fake_gpu_worker)
+    await executor.start(60.0, {})
+    timeouts: list[str] = []
+    executor.set_batch_timeouts({"m": 0.3}, timeouts.append)
+    try:
+        assert executor.unavailable() is None
+        outcome = await run(executor, batch_of([STUCK, 0, 0]))
+        # A dead worker's batch, not the model's fault: the router runs it elsewhere.
+        assert isinstance(outcome, BatchFailed) and not outcome.model_raised
+        assert outcome.device == "cuda:0" and "ran past its time limit" in outcome.message
+        assert timeouts == ["m"] and not executor.alive() and executor.in_flight() == 0
+        assert executor.unavailable() == "cuda:0 is out of service"
+    finally:
+        await executor.stop()
+    assert executor._process is not None and executor._process.exitcode == -9  # SIGKILL
+
+
 def failing_worker(conn: Connection, setup: CudaSetup) -> None:
     conn.send_bytes(msgpack.packb(["load_failed", "cuda:0: no CUDA device here"]))
 
