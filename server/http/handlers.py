@@ -214,6 +214,12 @@ async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
     return _plain(request, body, status=200 if state.phase is Phase.READY else 503)
 
 
+def readiness_probe(state: ServerState, request: web.BaseRequest) -> web.Response:
+    """/readyz asked without a token where one is needed: the status code and phase only."""
+    status = 200 if state.phase is Phase.READY else 503
+    return _plain(request, {"status": state.phase.value}, status=status)
+
+
 async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:
     text = state.metrics.render()
     return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
