@@ -66,6 +66,7 @@ class ServerSettings:
     max_dims: int = 8
     access_log: bool = False
     drain_timeout_s: float = 30.0
+    drain_delay_s: float = 0.0  # after SIGTERM, serve on (not ready) this long before draining
     log_level: str = "info"
     max_msgpack_depth: int = 16  # containers within containers in a msgpack body
     max_msgpack_items: int = 1024  # entries of one msgpack array or map
@@ -186,6 +187,7 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_elements": ("be >= 1", lambda v: v >= 1),
     "max_dims": ("be >= 1", lambda v: v >= 1),
     "drain_timeout_s": ("be >= 0", lambda v: v >= 0),
+    "drain_delay_s": ("be >= 0", lambda v: v >= 0),
     "max_msgpack_depth": ("be >= 1", lambda v: v >= 1),
     "max_msgpack_items": ("be >= 1", lambda v: v >= 1),
     "max_msgpack_str_bytes": ("be >= 1", lambda v: v >= 1),

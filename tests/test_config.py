@@ -315,6 +315,7 @@ TOML_ERRORS = [
     ("[server]\nmax_elements = 0", "server.max_elements must be >= 1, got 0"),
     ("[server]\nmax_dims = 0", "server.max_dims must be >= 1, got 0"),
     ("[server]\ndrain_timeout_s = -1", "server.drain_timeout_s must be >= 0, got -1"),
+    ("[server]\ndrain_delay_s = -0.5", "server.drain_delay_s must be >= 0, got -0.5"),
     ("[workers]\ncpu_workers = -1", "workers.cpu_workers must be >= 0, got -1"),
     ("[workers]\nthreads_per_worker = -1", "workers.threads_per_worker must be >= 0, got -1"),
     ("[workers]\nstart_timeout_s = 0", "workers.start_timeout_s must be > 0, got 0"),

@@ -1,6 +1,7 @@
 """Sidecar hardening against real server processes: loopback by default, a Unix socket with a
-set mode, optional bearer-token auth on everything but /healthz, request limits that answer
-4xx, random bodies that never get a 5xx, and no unpickling anywhere in the server or client.
+set mode, optional bearer-token auth on everything but /healthz (and /readyz's bare status for
+probes), request limits that answer 4xx, random bodies that never get a 5xx, and no unpickling
+anywhere in the server or client.
 """
 
 from __future__ import annotations
@@ -108,11 +109,36 @@ def test_every_endpoint_but_healthz_needs_the_token(
 ) -> None:
     headers = {"Authorization": header} if header else {}
     for method, path in GUARDED:
+        if header is None and path == "/readyz":
+            continue  # a probe's bare status: the next test
         status, response_headers, body = request(guarded.url, method, path, headers=headers)
         assert status == 401, (method, path)
         assert response_headers["WWW-Authenticate"].startswith("Bearer")
         assert json.loads(body)["error"]["code"] == "unauthorized"
     assert request(guarded.url, "GET", "/healthz", headers=headers)[0] == 200
+
+
+def test_readyz_without_any_header_answers_the_phase_only(tmp_path: Path) -> None:
+    # A kubelet's httpGet probe cannot send the secret: it gets the status code and the phase,
+    # while the names and errors of models that failed stay behind the token.
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a torchscript file")
+    env = {
+        "MICROBATCH_SERVER_AUTH_TOKEN": TOKEN,
+        "MICROBATCH_SERVER_ON_MODEL_FAILURE": "serve_others",
+    }
+    server = start_server(
+        "--model", "linear", "--model", f"bad={broken}:float32[4]", env=env, wait_ready=False
+    )
+    with server:
+        wait_for(lambda: request(server.url, "GET", "/readyz")[0] == 200, 120, "ready")
+        assert json.loads(request(server.url, "GET", "/readyz")[2]) == {"status": "ready"}
+        assert request(server.url, "HEAD", "/readyz")[0] == 200
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        detailed = json.loads(request(server.url, "GET", "/readyz", headers=auth)[2])
+        assert detailed["status"] == "ready" and set(detailed["missing"]) == {"bad"}
+        assert request(server.url, "POST", "/readyz")[0] == 401  # only a probe's methods
+        assert request(server.url, "GET", "/metrics")[0] == 401
 
 
 def test_the_token_opens_every_endpoint(guarded: ServerProcess) -> None:

@@ -20,7 +20,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from server.http import handlers, oip_handlers
-from server.http.auth import OPEN_PATHS, authorized, unauthorized
+from server.http.auth import OPEN_PATHS, PROBE_PATHS, authorized, unauthorized
 from server.http.state import ServerState
 
 Handler = Callable[[ServerState, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -46,12 +46,14 @@ class PathTable:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        if (
-            self._token is not None
-            and path not in OPEN_PATHS
-            and not authorized(request.headers.get("Authorization"), self._token)
-        ):
-            return oip_handlers.unauthorized(request) if _is_oip(path) else unauthorized(request)
+        if self._token is not None and path not in OPEN_PATHS:
+            header = request.headers.get("Authorization")
+            if header is None and path in PROBE_PATHS and request.method in _READ_METHODS:
+                return handlers.readiness_probe(self._state, request)
+            if not authorized(header, self._token):
+                return (
+                    oip_handlers.unauthorized(request) if _is_oip(path) else unauthorized(request)
+                )
         model = infer_model(path)
         if model is not None:
             if request.method != "POST":

@@ -1,6 +1,8 @@
 """Optional bearer-token auth (server.auth_token): every endpoint but the liveness probes
 (/healthz, and /v2/health/live for OIP) then needs `Authorization: Bearer <token>`; without it,
-401 unauthorized with `WWW-Authenticate: Bearer`.
+401 unauthorized with `WWW-Authenticate: Bearer`. One exception for probes: /readyz without any
+Authorization header answers its status code and phase only (a kubelet's httpGet probe cannot
+send a secret); the details stay behind the token.
 
 Event loop only. The path table (app.py) checks the token only when one is configured, so that
 without one the hot infer path pays nothing for it. The comparison is constant-time.
@@ -17,6 +19,11 @@ from server.http.handlers import error_response, reply_encoding
 
 # Liveness probes (/v1 and OIP) must work without the secret; they say nothing but "alive".
 OPEN_PATHS = frozenset(("/healthz", "/v2/health/live"))
+# A readiness probe must too. Asked without any Authorization header, these answer the status
+# code and the phase (what a load balancer sees anyway), never the failure reason or the
+# missing models' names and errors; a wrong token still gets 401, so a misconfigured client
+# notices.
+PROBE_PATHS = frozenset(("/readyz",))
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
 
 

@@ -260,6 +260,12 @@ async def healthz(state: ServerState, request: web.BaseRequest) -> web.Response:
 
 
 async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
+    status, body = readiness(state)
+    return _plain(request, body, status=status)
+
+
+def readiness(state: ServerState) -> tuple[int, dict[str, Any]]:
+    """/readyz's status code and body: 200 only when serving and every model can be run."""
     body: dict[str, Any] = {"status": state.phase.value}
     if state.failure:
         body["reason"] = state.failure
@@ -269,7 +275,7 @@ async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
     unavailable = _unavailable(state) if ready else {}
     if unavailable:  # no worker can run these now: a load balancer should look elsewhere
         body["status"], body["unavailable"] = "unavailable", unavailable
-    return _plain(request, body, status=200 if ready and not unavailable else 503)
+    return (200 if ready and not unavailable else 503), body
 
 
 def _unavailable(state: ServerState) -> dict[str, str]:
@@ -279,6 +285,12 @@ def _unavailable(state: ServerState) -> dict[str, str]:
         return {}
     reasons = {name: devices.unavailable(name) for name in state.endpoints}
     return {name: why for name, why in reasons.items() if why is not None}
+
+
+def readiness_probe(state: ServerState, request: web.BaseRequest) -> web.Response:
+    """/readyz asked without a token where one is needed: the status code and phase only."""
+    status, body = readiness(state)
+    return _plain(request, {"status": body["status"]}, status=status)
 
 
 async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:

@@ -185,16 +185,22 @@ async def _live(state: ServerState, route: Route) -> web.Response:
 
 
 async def _ready(state: ServerState, route: Route) -> web.Response:
-    if state.phase is Phase.READY:
+    status, body = handlers.readiness(state)
+    if status == 200:
         return _json({"ready": True})
-    return _json({"ready": False, "error": f"the server is {state.phase.value}"}, status=503)
+    why = "; ".join(body.get("unavailable", {}).values()) or f"the server is {state.phase.value}"
+    return _json({"ready": False, "error": why}, status=503)
 
 
 async def _model_ready(state: ServerState, route: Route) -> web.Response:
     _endpoint(state, route)
+    why = f"the server is {state.phase.value}"
     if state.phase is Phase.READY:
-        return _json({"name": route.model, "ready": True})
-    error = f"model {route.model!r} is not ready: the server is {state.phase.value}"
+        unavailable = state.devices.unavailable(route.model) if state.devices else None
+        if unavailable is None:
+            return _json({"name": route.model, "ready": True})
+        why = unavailable
+    error = f"model {route.model!r} is not ready: {why}"
     return _json({"name": route.model, "ready": False, "error": error}, status=503)
 
 
