@@ -11,6 +11,7 @@ Runs wherever the client runs (any thread, any event loop); pure Python, no aioh
     │   ├── MethodNotAllowed     method_not_allowed       405
     │   ├── PayloadTooLarge      payload_too_large        413
     │   ├── UnsupportedMediaType unsupported_media_type   415
+    │   ├── ExpectationFailed    expectation_failed       417
     │   ├── ModelError           model_error              500
     │   ├── InternalError        internal                 500
     │   ├── Overloaded           overloaded               503  retried (honours Retry-After)
@@ -84,6 +85,10 @@ class UnsupportedMediaType(ServerError):
     pass
 
 
+class ExpectationFailed(ServerError):
+    pass
+
+
 class ModelError(ServerError):
     pass
 
@@ -138,6 +143,7 @@ ERROR_CLASSES: dict[str, type[ServerError]] = {
     ErrorCode.METHOD_NOT_ALLOWED.value: MethodNotAllowed,
     ErrorCode.PAYLOAD_TOO_LARGE.value: PayloadTooLarge,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE.value: UnsupportedMediaType,
+    ErrorCode.EXPECTATION_FAILED.value: ExpectationFailed,
     ErrorCode.MODEL_ERROR.value: ModelError,
     ErrorCode.INTERNAL.value: InternalError,
     ErrorCode.OVERLOADED.value: Overloaded,

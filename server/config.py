@@ -62,6 +62,7 @@ class ServerSettings:
     uds: str | None = None
     uds_mode: int = 0o600
     max_body_bytes: int = 64 * 1024 * 1024
+    max_json_body_bytes: int = 1024 * 1024  # JSON parses at ~25x its size: msgpack for more
     max_elements: int = 16 * 1024 * 1024
     max_dims: int = 8
     access_log: bool = False
@@ -184,6 +185,7 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "port": ("be in 0..65535", lambda v: 0 <= v <= 65535),
     "uds_mode": ("be a mode in 0o000..0o777 (write 0o600 or '0600')", lambda v: 0 <= v <= 0o777),
     "max_body_bytes": ("be >= 1", lambda v: v >= 1),
+    "max_json_body_bytes": ("be >= 1", lambda v: v >= 1),
     "max_elements": ("be >= 1", lambda v: v >= 1),
     "max_dims": ("be >= 1", lambda v: v >= 1),
     "drain_timeout_s": ("be >= 0", lambda v: v >= 0),
@@ -225,13 +227,28 @@ def load_config(config_path: str | None, env: Mapping[str, str], flags: Flags) -
     base_dir = Path(os.path.abspath(path)).parent if path else Path.cwd()
     batching = BatchingConfig(**merged["batching"])
     devices = DevicesConfig(**merged["devices"])
+    _check_queue_fits_batch("batching", batching)
+    models = _models(doc, base_dir, flags, (batching, devices.placement()), operator)
+    for model in models:
+        _check_queue_fits_batch(f"models.{model.name}", model.batching)
     return Config(
         server=_with_auth_token(ServerSettings(**merged["server"])),
         batching=batching,
         workers=WorkersConfig(**merged["workers"]),
-        models=_models(doc, base_dir, flags, (batching, devices.placement()), operator),
+        models=models,
         devices=devices,
     )
+
+
+def _check_queue_fits_batch(where: str, batching: BatchingConfig) -> None:
+    """A request of max_batch_size samples must fit the queue, or it could never be admitted
+    (and would get a retryable 503 for ever)."""
+    if batching.max_queue_size < batching.max_batch_size:
+        raise ConfigError(
+            f"{where}.max_queue_size ({batching.max_queue_size}) must be >= "
+            f"{where}.max_batch_size ({batching.max_batch_size}): a request of a full batch "
+            "must fit in the queue"
+        )
 
 
 def _with_auth_token(server: ServerSettings) -> ServerSettings:

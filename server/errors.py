@@ -10,11 +10,12 @@ Pure Python (no aiohttp, no torch): the protocol codec, the batcher and the clie
     ├── MethodNotAllowed         method_not_allowed 405
     ├── PayloadTooLarge          payload_too_large  413
     ├── UnsupportedMediaType     unsupported_media_type 415
+    ├── ExpectationFailed        expectation_failed 417
     ├── ModelError               model_error        500
     ├── InternalError            internal           500
     ├── Overloaded               overloaded         503     yes (with Retry-After)
-    ├── ShuttingDown             shutting_down      503     yes
-    ├── NotReady                 not_ready          503     yes
+    ├── ShuttingDown             shutting_down      503     yes (Retry-After: 1)
+    ├── NotReady                 not_ready          503     yes (Retry-After: 1)
     └── DeadlineExceeded         deadline_exceeded  504
 """
 
@@ -33,6 +34,7 @@ class ErrorCode(str, Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    EXPECTATION_FAILED = "expectation_failed"
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
     OVERLOADED = "overloaded"
@@ -45,12 +47,15 @@ class ServingError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
     http_status: int = 500
     retryable: bool = False
+    default_retry_after_s: float | None = None
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
-        # Only meaningful on retryable errors; becomes the Retry-After header.
-        self.retry_after_s = retry_after_s
+        # Only meaningful on retryable errors; becomes the Retry-After header (whole seconds).
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else (self.default_retry_after_s)
+        )
 
 
 class BadRequest(ServingError):
@@ -81,6 +86,10 @@ class UnsupportedMediaType(ServingError):
     code, http_status = ErrorCode.UNSUPPORTED_MEDIA_TYPE, 415
 
 
+class ExpectationFailed(ServingError):
+    code, http_status = ErrorCode.EXPECTATION_FAILED, 417
+
+
 class ModelError(ServingError):
     code, http_status = ErrorCode.MODEL_ERROR, 500
 
@@ -95,10 +104,12 @@ class Overloaded(ServingError):
 
 class ShuttingDown(ServingError):
     code, http_status, retryable = ErrorCode.SHUTTING_DOWN, 503, True
+    default_retry_after_s = 1.0  # another replica may take it now; this one, never again
 
 
 class NotReady(ServingError):
     code, http_status, retryable = ErrorCode.NOT_READY, 503, True
+    default_retry_after_s = 1.0
 
 
 class DeadlineExceeded(ServingError):
@@ -115,6 +126,7 @@ _BY_CODE: dict[str, type[ServingError]] = {
         MethodNotAllowed,
         PayloadTooLarge,
         UnsupportedMediaType,
+        ExpectationFailed,
         ModelError,
         InternalError,
         Overloaded,

@@ -42,6 +42,7 @@ async def serve(config: Config) -> int:
         Metrics(),
         Limits(
             max_elements=settings.max_elements,
+            max_json_bytes=min(settings.max_json_body_bytes, settings.max_body_bytes),
             max_dims=settings.max_dims,
             max_depth=settings.max_msgpack_depth,
             max_items=settings.max_msgpack_items,

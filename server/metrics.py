@@ -104,6 +104,7 @@ class Metrics(Collector):
         self._batches: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._samples: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._timeouts: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._non_finite: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self._latency: defaultdict[str, _LazyHistogram] = defaultdict(
             lambda: _LazyHistogram(LATENCY_BUCKETS_S)
         )
@@ -152,6 +153,9 @@ class Metrics(Collector):
 
     def batch_timeout(self, model: str, device: str) -> None:
         self._timeouts[(model, device)] += 1
+
+    def non_finite_outputs(self, model: str, samples: int) -> None:
+        self._non_finite[(model,)] += samples
 
     def add_gauge(
         self, name: str, doc: str, label: str, read: Callable[[], dict[str, float]]
@@ -232,6 +236,12 @@ class Metrics(Collector):
             "Batches that ran past workers.batch_timeout_s: their worker was killed.",
             ["model", "device"],
             self._timeouts,
+        )
+        yield _counter(
+            "microbatch_non_finite_outputs",
+            "Samples answered with NaN or infinity in an output (JSON writes them as strings).",
+            ["model"],
+            self._non_finite,
         )
         retries = CounterMetricFamily(
             "microbatch_batch_retries",

@@ -33,6 +33,13 @@ class RaisesOnNegative(torch.nn.Module):
         return x * 2.0
 
 
+class Log(torch.nn.Module):
+    """y = log(x) on float32[3]: 0 gives -inf, a negative gives nan (non-finite outputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
 class Slow(torch.nn.Module):
     """Burns CPU for a while per batch (a chain of matrix products); output = x + 1."""
 

@@ -111,7 +111,7 @@ PRECEDENCE = [
     ("server", "uds", '"/a.sock"', "/b.sock", "/c.sock", ("/a.sock", "/b.sock", "/c.sock")),
     ("batching", "max_batch_size", "8", "16", 24, (8, 16, 24)),
     ("batching", "max_delay_ms", "2", "3.5", 0.25, (2.0, 3.5, 0.25)),
-    ("batching", "max_queue_size", "10", "20", 30, (10, 20, 30)),
+    ("batching", "max_queue_size", "100", "200", 300, (100, 200, 300)),
     ("batching", "timeout_ms", "100", "200", 300.0, (100.0, 200.0, 300.0)),
     ("workers", "cpu_workers", "2", "3", 4, (2, 3, 4)),
 ]
@@ -413,9 +413,24 @@ def test_env_and_flags_override_every_model_own_batching(tmp_path: Path) -> None
     path = write(tmp_path, '[models.a]\npath = "a.pt2"\nmax_delay_ms = 7\nmax_batch_size = 4\n')
     env = {"MICROBATCH_BATCHING_MAX_DELAY_MS": "1"}
     assert load(path, env).model("a").batching == BatchingConfig(4, 1.0)
-    flagged = load(path, env, Flags(max_delay_ms=0.5, max_queue_size=9))
-    assert flagged.model("a").batching == BatchingConfig(4, 0.5, 9)
-    assert flagged.batching == BatchingConfig(32, 0.5, 9)
+    flagged = load(path, env, Flags(max_delay_ms=0.5, max_queue_size=90))
+    assert flagged.model("a").batching == BatchingConfig(4, 0.5, 90)
+    assert flagged.batching == BatchingConfig(32, 0.5, 90)
+
+
+def test_a_queue_smaller_than_a_full_batch_is_refused_naming_both_settings(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match=r"^batching.max_queue_size \(16\) must be >= "):
+        load(None, {}, Flags(max_queue_size=16))
+    touch(tmp_path / "a.pt2")
+    path = write(tmp_path, '[models.a]\npath = "a.pt2"\nmax_batch_size = 64\nmax_queue_size = 50\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    assert str(info.value) == (
+        "models.a.max_queue_size (50) must be >= models.a.max_batch_size (64): a request of a "
+        "full batch must fit in the queue"
+    )
 
 
 def model_toml(tmp_path: Path, body: str, name: str = "m") -> str:

@@ -13,6 +13,8 @@ import logging
 import math
 from collections import deque
 
+import numpy as np
+
 from server.batching.admission import Admission, admit
 from server.batching.bisection import halves, should_bisect
 from server.batching.estimate import BatchTime, Prior
@@ -334,6 +336,7 @@ class BatchQueue:
 
     def _answer(self, batch: Batch, outcome: BatchDone) -> None:
         compute_ms = outcome.compute_s * 1000.0
+        self._count_non_finite(outcome.outputs)
         offset = 0
         for request in batch.requests:
             end = offset + request.samples
@@ -348,6 +351,16 @@ class BatchQueue:
                 RequestResult(outputs, batch.samples, outcome.device, queue_ms, compute_ms),
             )
         self._metrics.batch_done(self.model, outcome.device, batch, outcome.compute_s)
+
+    def _count_non_finite(self, outputs: dict[str, np.ndarray]) -> None:
+        """Samples whose outputs hold NaN or infinity (answered as they are: see codec.py)."""
+        rows: np.ndarray | None = None
+        for arr in outputs.values():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+                rows = bad if rows is None else rows | bad
+        if rows is not None:
+            self._metrics.non_finite_outputs(self.model, int(rows.sum()))
 
     def _bisect(self, batch: Batch, outcome: BatchFailed) -> None:
         self._metrics.batch_failed(self.model, outcome.device, batch.samples)

@@ -21,6 +21,7 @@ from server.batching.pending import PendingRequest, RequestResult
 from server.errors import (
     BadRequest,
     ErrorCode,
+    ExpectationFailed,
     NotReady,
     PayloadTooLarge,
     ServingError,
@@ -29,12 +30,13 @@ from server.errors import (
     error_for_code,
 )
 from server.http.state import Phase, ServerState
-from server.models.matching import match_inputs
+from server.models.matching import DeclaredShapes, match_inputs
 from server.models.spec import TensorSpec
 from server.protocol.codec import (
     CONTENT_TYPE_OF,
     JSON,
     MSGPACK,
+    InferRequest,
     Limits,
     decode_request,
     encode,
@@ -90,7 +92,7 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
     encoding: str | None = None
     try:
         encoding = encoding_of(request.headers.get("Content-Type", ""))
-        result, decoded = await run_infer(state, request, model, started, decode_request, encoding)
+        body = await _infer_v1(state, request, model, started, encoding)
     except ServingError as error:
         state.metrics.request_done(model, error.code.value, state.clock.now() - started)
         return error_response(error, encoding or reply_encoding(request))
@@ -99,6 +101,28 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
         state.metrics.request_done(model, ErrorCode.INTERNAL.value, state.clock.now() - started)
         internal = error_for_code(ErrorCode.INTERNAL.value, "internal error (logged on the server)")
         return error_response(internal, encoding or reply_encoding(request))
+    response = web.Response(body=body, content_type=CONTENT_TYPE_OF[encoding])
+    state.metrics.request_done(model, "ok", state.clock.now() - started)
+    return response
+
+
+async def _infer_v1(
+    state: ServerState, request: web.BaseRequest, model: str, started: float, encoding: str
+) -> bytes:
+    """A /v1 request to its encoded answer."""
+    shapes = None
+    if encoding == JSON:  # JSON bodies are costly to parse: a wrong shape is refused first
+        endpoint = state.endpoints.get(model)
+        shapes = DeclaredShapes(model, endpoint.info.inputs) if endpoint else None
+    result, decoded = await run_infer(
+        state,
+        request,
+        model,
+        started,
+        _decode_v1,
+        (encoding, shapes),
+        max_body_bytes=state.limits.max_json_bytes if encoding == JSON else None,
+    )
     body = {
         "outputs": {name: encode_tensor(arr, encoding) for name, arr in result.outputs.items()},
         "id": decoded.id,
@@ -108,9 +132,13 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
         "queue_ms": result.queue_ms,
         "compute_ms": result.compute_ms,
     }
-    response = web.Response(body=encode(body, encoding), content_type=CONTENT_TYPE_OF[encoding])
-    state.metrics.request_done(model, "ok", state.clock.now() - started)
-    return response
+    return encode(body, encoding)
+
+
+def _decode_v1(
+    body: bytes, context: tuple[str, DeclaredShapes | None], limits: Limits
+) -> InferRequest:
+    return decode_request(body, context[0], limits, context[1])
 
 
 async def run_infer(
@@ -122,17 +150,25 @@ async def run_infer(
     context: C,
     *,
     batch_dim_required: bool = False,
+    max_body_bytes: int | None = None,
 ) -> tuple[RequestResult, D]:
     """One request of either protocol through the same checks, admission, limits and queue:
     `decode(body, context, limits)` is the protocol's own part. `batch_dim_required`: every
-    tensor must carry the batch dimension first (OIP), so no shape is read as one sample."""
+    tensor must carry the batch dimension first (OIP), so no shape is read as one sample.
+    `max_body_bytes`: a limit below server.max_body_bytes for this body (JSON), checked against
+    Content-Length before a byte is read (the decoder checks what was read)."""
     endpoint = state.endpoints.get(model)
+    if state.phase is not Phase.READY and (endpoint is not None or _configured(state, model)):
+        raise _not_serving(state)  # a model still loading is not unknown: 503, retry
     if endpoint is None:
         raise unknown_model(state, model)
-    if state.phase is not Phase.READY:
-        raise _not_serving(state)
     # Shed before the body is read or decoded, so that refusing costs next to nothing.
     endpoint.queue.refuse_early()
+    if max_body_bytes is not None and (request.content_length or 0) > max_body_bytes:
+        raise PayloadTooLarge(
+            f"a JSON body of {request.content_length} bytes exceeds server.max_json_body_bytes "
+            f"({max_body_bytes}); send large tensors in msgpack"
+        )
     if "Expect" in request.headers:
         await _continue(request)
     try:
@@ -177,12 +213,12 @@ def _batch_dim_missing(model: str, specs: tuple[TensorSpec, ...]) -> BadRequest:
 async def _continue(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` (curl sends it for bodies over 1 MiB, then waits a second
     for this), once the checks that need no body have passed: a refused client never sends
-    its body. aiohttp's low-level server leaves this to the handler."""
-    if (
-        request.version == HttpVersion11
-        and request.headers["Expect"].lower() == "100-continue"
-        and request.writer is not None
-    ):
+    its body. aiohttp's low-level server leaves this to the handler. Any other expectation is
+    one this server cannot meet: 417 (RFC 9110, 10.1.1)."""
+    expect = request.headers["Expect"]
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed(f"Expect: {expect[:64]!r} cannot be met; only 100-continue can")
+    if request.version == HttpVersion11 and request.writer is not None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not part of the response
 
@@ -192,6 +228,11 @@ def unknown_model(state: ServerState, model: str) -> ServingError:
     if why is not None:
         return UnknownModel(f"model {model!r} is not served: it failed to load ({why})")
     return UnknownModel(f"no model named {model!r}; served models: {sorted(state.endpoints)}")
+
+
+def _configured(state: ServerState, model: str) -> bool:
+    """A model the config names and that has not failed to load (it may still be loading)."""
+    return model not in state.missing and any(m.name == model for m in state.config.models)
 
 
 def _not_serving(state: ServerState) -> ServingError:

@@ -3,10 +3,14 @@
 Event loop; pure numpy. Every mismatch is a BadRequest naming the input and saying what was
 expected and what came. Safe casts are allowed (any integer or float to a float, and numpy's
 "safe" casts such as int32 to int64 or bool to anything); the cast itself happens in the copy
-into the batch.
+into the batch, except where a value may not fit (float64 to float32, integers to float16):
+those are cast here, and a finite value that overflows is a 400 (inf and nan pass as data).
+`DeclaredShapes` checks a JSON tensor's declared shape before its array is built.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,7 +40,7 @@ def match_inputs(
                 f"{field} has dtype {arr.dtype.name}; model {model!r} expects {spec.dtype} "
                 "(safe casts such as float64 to float32 are accepted)"
             )
-        this_single, this_samples = _sample_count(model, spec, arr, field)
+        this_single, this_samples = sample_count(model, spec, arr.shape, field)
         if samples is None:
             samples, single = this_samples, this_single
         elif (this_samples, this_single) != (samples, single):
@@ -44,6 +48,8 @@ def match_inputs(
                 f"{field} carries {this_samples} sample(s) but other inputs carry {samples}; "
                 "every input of a request needs the same number of samples"
             )
+        if arr.dtype != spec.np_dtype and not np.can_cast(arr.dtype, spec.np_dtype, "safe"):
+            arr = _narrowed(arr, spec.np_dtype, field)
         batched[spec.name] = arr.reshape((1, *spec.shape)) if this_single else arr
     assert samples is not None and single is not None
     if samples == 0:
@@ -73,13 +79,47 @@ def _by_model_names(
     return {name: (arr, name) for name, arr in inputs.items()}
 
 
-def _sample_count(model: str, spec: TensorSpec, arr: np.ndarray, field: str) -> tuple[bool, int]:
+def sample_count(
+    model: str, spec: TensorSpec, shape: tuple[int, ...], field: str
+) -> tuple[bool, int]:
+    """(sent as one sample, how many samples) for a tensor of `shape`; 400 if it fits neither."""
     rank = len(spec.shape)
-    if arr.ndim == rank and arr.shape == spec.shape:
+    if len(shape) == rank and shape == spec.shape:
         return True, 1
-    if arr.ndim == rank + 1 and arr.shape[1:] == spec.shape:
-        return False, arr.shape[0]
+    if len(shape) == rank + 1 and shape[1:] == spec.shape:
+        return False, shape[0]
     raise BadRequest(
-        f"{field} has shape {list(arr.shape)}; model {model!r} expects one sample of shape "
+        f"{field} has shape {list(shape)}; model {model!r} expects one sample of shape "
         f"{list(spec.shape)} or n samples of shape [n, {', '.join(map(str, spec.shape))}]"
     )
+
+
+def _narrowed(arr: np.ndarray, dtype: np.dtype[np.generic], field: str) -> np.ndarray:
+    """`arr` cast to a float dtype that may not hold every value: a finite value that would
+    overflow is refused (it would silently become inf); inf, -inf and nan are data."""
+    try:
+        with np.errstate(over="raise"):
+            return arr.astype(dtype)
+    except FloatingPointError:
+        limit = float(np.finfo(dtype).max)  # type: ignore[type-var]  # a float dtype here
+        raise BadRequest(
+            f"{field} holds a value beyond the range of {dtype.name} (+-{limit:.4g}), the "
+            "model's input dtype"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredShapes:
+    """A model's inputs, to check a tensor's declared shape before its array is built (a JSON
+    body's numbers cost far more to turn into an array than to refuse)."""
+
+    model: str
+    specs: tuple[TensorSpec, ...]
+
+    def check(self, name: str, shape: list[int], field: str) -> None:
+        if len(self.specs) == 1:
+            spec: TensorSpec | None = self.specs[0]  # a single-input model takes any one name
+        else:
+            spec = next((s for s in self.specs if s.name == name), None)
+        if spec is not None:  # an unknown name is reported by match_inputs, with the others
+            sample_count(self.model, spec, tuple(shape), field)

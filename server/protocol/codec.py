@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import msgpack
 import numpy as np
@@ -50,6 +50,9 @@ class Limits:
 
     max_elements: int = 16 * 1024 * 1024
     max_dims: int = 8
+    # A JSON body (or OIP's JSON header) costs about 25x its size to parse into Python numbers
+    # and holds the event loop all the while: it gets a smaller limit than msgpack.
+    max_json_bytes: int = 1024 * 1024
     max_inputs: int = 64
     max_id_chars: int = 256
     # msgpack only (JSON nesting is bounded by the parser's recursion limit, also a 400):
@@ -85,6 +88,24 @@ def encode(obj: Any, encoding: str) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise BadRequest(f"body is not valid json: {name} is not a JSON number (send msgpack for it)")
+
+
+def check_json_size(size: int, limits: Limits) -> None:
+    if size > limits.max_json_bytes:
+        raise PayloadTooLarge(
+            f"a JSON body of {size} bytes exceeds server.max_json_body_bytes "
+            f"({limits.max_json_bytes}); send large tensors in msgpack"
+        )
+
+
+def loads_json(body: bytes | str) -> Any:
+    """JSON as the standard has it: NaN, Infinity and -Infinity (which Python's parser takes)
+    are a 400, never values; non-finite inputs travel in msgpack (or binary OIP) tensors."""
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
 def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
     """Parse a body; msgpack lengths are bounded by the body's own length (so a small body
     never makes a large buffer) and, given `limits`, by them; ext types are then refused."""
@@ -103,7 +124,11 @@ def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
                 max_map_len=min(limits.max_items, size),
                 max_ext_len=0,
             )
-        return json.loads(body)
+        if limits is not None:
+            check_json_size(len(body), limits)
+        return loads_json(body)
+    except (BadRequest, PayloadTooLarge):
+        raise
     except RecursionError:
         raise BadRequest(f"body is not valid {encoding}: nested too deeply") from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -138,11 +163,20 @@ def _msgpack_refusal(text: str, limits: Limits) -> str:
     return f"body is not valid msgpack: {text}, the body's own length (truncated or corrupt?)"
 
 
-def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
-    """Decode and validate an infer request body (tensors are not yet matched to a model)."""
+class ShapeCheck(Protocol):
+    """Checks a tensor's declared shape against the model before its array is built."""
+
+    def check(self, name: str, shape: list[int], field: str) -> None: ...
+
+
+def decode_request(
+    body: bytes, encoding: str, limits: Limits, shapes: ShapeCheck | None = None
+) -> InferRequest:
+    """Decode and validate an infer request body (tensors are not yet matched to a model;
+    `shapes`, where given, refuses a JSON tensor of the wrong shape before its array is made)."""
     obj = decode(body, encoding, limits)
     try:
-        return _request_from(obj, encoding, limits)
+        return _request_from(obj, encoding, limits, shapes)
     except BadRequest:
         # Every field of an accepted request is checked by type, so it nests 4 deep at most:
         # only a refused body can hide deeper nesting, and then that is the fault to name.
@@ -151,7 +185,9 @@ def decode_request(body: bytes, encoding: str, limits: Limits) -> InferRequest:
         raise
 
 
-def _request_from(obj: Any, encoding: str, limits: Limits) -> InferRequest:
+def _request_from(
+    obj: Any, encoding: str, limits: Limits, shapes: ShapeCheck | None
+) -> InferRequest:
     if not isinstance(obj, dict):
         raise BadRequest(f"body must be a map with an 'inputs' key, got {_kind(obj)}")
     if not _REQUEST_KEYS.issuperset(obj):
@@ -160,7 +196,7 @@ def _request_from(obj: Any, encoding: str, limits: Limits) -> InferRequest:
             f"unknown request field(s) {sorted(map(str, unknown))}; known: inputs, id, timeout_ms"
         )
     return InferRequest(
-        inputs=_decode_inputs(obj.get("inputs"), encoding, limits),
+        inputs=_decode_inputs(obj.get("inputs"), encoding, limits, shapes),
         id=_decode_id(obj.get("id"), limits),
         timeout_ms=_decode_timeout(obj.get("timeout_ms")),
     )
@@ -180,7 +216,9 @@ def _check_depth(obj: Any, limit: int) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def _decode_inputs(inputs: Any, encoding: str, limits: Limits) -> dict[str, np.ndarray]:
+def _decode_inputs(
+    inputs: Any, encoding: str, limits: Limits, shapes: ShapeCheck | None
+) -> dict[str, np.ndarray]:
     if inputs is None:
         raise BadRequest("missing field 'inputs' (a map of input name to tensor)")
     if not isinstance(inputs, dict) or not inputs:
@@ -192,7 +230,8 @@ def _decode_inputs(inputs: Any, encoding: str, limits: Limits) -> dict[str, np.n
     for name, tensor in inputs.items():
         if not isinstance(name, str):
             raise BadRequest(f"input names must be strings, got {_kind(name)}")
-        arr = decode_tensor(tensor, f"inputs.{name}", encoding, limits, budget)
+        check = shapes if encoding == JSON else None  # a msgpack array is a view: cheap
+        arr = decode_tensor(tensor, f"inputs.{name}", encoding, limits, budget, check, name)
         budget -= arr.size
         decoded[name] = arr
     return decoded
@@ -213,13 +252,24 @@ def _decode_timeout(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"'timeout_ms' must be a number, got {_kind(value)}")
-    if not (value > 0 and math.isfinite(value)):
-        raise BadRequest(f"'timeout_ms' must be a positive finite number, got {value!r}")
-    return float(value)
+    try:
+        timeout_ms = float(value)  # a JSON integer of 400 digits does not fit a float
+    except OverflowError:
+        timeout_ms = math.inf
+    if not (timeout_ms > 0 and math.isfinite(timeout_ms)):
+        shown = f"{str(value)[:20]}... ({len(str(value))} digits)" if timeout_ms > 0 else value
+        raise BadRequest(f"'timeout_ms' must be a positive finite number, got {shown}")
+    return timeout_ms
 
 
 def decode_tensor(
-    obj: Any, field: str, encoding: str, limits: Limits, budget: int | None = None
+    obj: Any,
+    field: str,
+    encoding: str,
+    limits: Limits,
+    budget: int | None = None,
+    shapes: ShapeCheck | None = None,
+    name: str = "",
 ) -> np.ndarray:
     """One wire tensor to a native-order array (read-only for msgpack: a view of the body)."""
     if not isinstance(obj, dict):
@@ -234,6 +284,8 @@ def decode_tensor(
             f"{field}.dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}"
         )
     elements = _check_shape(shape, field, limits, limits.max_elements if budget is None else budget)
+    if shapes is not None:
+        shapes.check(name, cast(list[int], shape), field)  # _check_shape saw to it
     if encoding == MSGPACK:
         arr = _array_from_bytes(data, dtype, shape, elements, field)
     else:
@@ -369,10 +421,31 @@ def encode_tensor(arr: np.ndarray, encoding: str) -> dict[str, Any]:
         if name is None:
             raise ValueError(f"dtype {arr.dtype} has no wire name; supported: {SUPPORTED_DTYPES}")
     if encoding == JSON:
-        return {"dtype": name, "shape": list(arr.shape), "data": arr.tolist()}
+        return {"dtype": name, "shape": list(arr.shape), "data": json_values(arr)}
     if _BIG_ENDIAN_HOST:  # the wire is little-endian
         arr = arr.astype(_WIRE_DTYPES[name])
     return {"dtype": name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+# How JSON carries what it has no numbers for: the strings of the protobuf JSON mapping.
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def json_values(arr: np.ndarray) -> Any:
+    """An array as nested lists for JSON, a non-finite float as "NaN", "Infinity" or
+    "-Infinity" (a model's output may hold them; msgpack carries them as they are)."""
+    values = arr.tolist()
+    if arr.dtype.kind != "f" or bool(np.isfinite(arr).all()):
+        return values
+    return _replace_non_finite(values)
+
+
+def _replace_non_finite(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_replace_non_finite(v) for v in values]
+    if math.isfinite(values):
+        return values
+    return _NON_FINITE.get(values, "NaN")
 
 
 def error_body(code: str, message: str, encoding: str) -> bytes:

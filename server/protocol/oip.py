@@ -9,7 +9,6 @@ oip_response.py.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import BadRequest, UnsupportedMediaType
-from server.protocol.codec import Limits
+from server.protocol.codec import Limits, check_json_size, loads_json
 from server.protocol.oip_tensor import check_shape, from_binary, from_json, kind_of
 
 _REQUEST_KEYS = frozenset(("id", "parameters", "inputs", "outputs", "model_name", "model_version"))
@@ -56,7 +55,7 @@ def decode_infer_request(body: bytes, framing: Framing, limits: Limits) -> OipRe
     """An infer request body (JSON header, then binary tensor data in input order)."""
     _check_encoding(framing.content_encoding)
     json_end = _json_length(framing.header_length, len(body))
-    header = _parse_json(body[:json_end] if json_end < len(body) else body)
+    header = _parse_json(body[:json_end] if json_end < len(body) else body, limits)
     if not isinstance(header, dict):
         raise BadRequest(f"the request must be a JSON object with 'inputs', got {kind_of(header)}")
     unknown = header.keys() - _REQUEST_KEYS
@@ -103,9 +102,12 @@ def _json_length(header_length: str | None, body_bytes: int) -> int:
     return length
 
 
-def _parse_json(data: bytes) -> Any:
+def _parse_json(data: bytes, limits: Limits) -> Any:
+    check_json_size(len(data), limits)
     try:
-        return json.loads(data)
+        return loads_json(data)
+    except BadRequest:
+        raise
     except RecursionError:
         raise BadRequest("the request's JSON is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -148,11 +150,16 @@ def _timeout_ms(value: Any) -> float | None:
         raise BadRequest(
             f"parameters.timeout must be a number of microseconds, got {kind_of(value)}"
         )
-    if not (value > 0 and math.isfinite(value)):
+    try:
+        timeout_us = float(value)  # an integer of 400 digits does not fit a float
+    except OverflowError:
+        timeout_us = math.inf
+    if not (timeout_us > 0 and math.isfinite(timeout_us)):
+        shown = f"{str(value)[:20]}..." if timeout_us > 0 else value
         raise BadRequest(
-            f"parameters.timeout must be a positive number of microseconds, got {value}"
+            f"parameters.timeout must be a positive finite number of microseconds, got {shown}"
         )
-    return float(value) / 1000.0
+    return timeout_us / 1000.0
 
 
 def _decode_inputs(inputs: Any, tail: memoryview, limits: Limits) -> dict[str, np.ndarray]:

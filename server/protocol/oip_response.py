@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from server.config import BatchingConfig
-from server.errors import ModelError
 from server.executors.model_info import ModelInfo
 from server.metrics import ModelTotals
 from server.models.spec import TensorSpec
+from server.protocol.codec import json_values
 from server.protocol.oip import OipRequest
 from server.protocol.oip_tensor import DATATYPE_OF, WIRE_DTYPES
 
@@ -73,20 +73,16 @@ def encode_infer_response(
             tensor["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            tensor["data"] = arr.ravel().tolist()
+            # NaN and infinities as "NaN", "Infinity", "-Infinity", as on /v1 (numpy, and so
+            # tritonclient's as_numpy, reads these strings back as floats).
+            tensor["data"] = json_values(arr.ravel())
         tensors.append(tensor)
     body: dict[str, Any] = {"model_name": model, "model_version": VERSION}
     if request.id is not None:
         body["id"] = request.id
     body["parameters"] = parameters
     body["outputs"] = tensors
-    try:
-        header = dumps(body)
-    except ValueError:  # NaN or infinity among JSON data
-        raise ModelError(
-            "an output holds NaN or infinity, which JSON cannot carry; request it as binary "
-            "data (parameters.binary_data = true)"
-        ) from None
+    header = dumps(body)
     if not chunks:
         return header, None
     return b"".join((header, *chunks)), len(header)
