@@ -299,8 +299,19 @@ def _toml_settings(table: str, doc: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _setting(f"{table}.{k}", k, _HINTS[table][k], v) for k, v in raw.items()}
 
 
+# What Kubernetes sets in every pod for a Service named `microbatch` or `microbatch-*`
+# (MICROBATCH_SERVICE_HOST, MICROBATCH_PREDICTOR_PORT_80_TCP_ADDR, ...): not settings of ours.
+_SERVICE_LINK = re.compile(
+    r"MICROBATCH_(\w+_)?(SERVICE_(HOST|PORT(_\w+)?)|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
 def _env_settings(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    ours = {n: text for n, text in env.items() if n.startswith("MICROBATCH_")}
+    ours = {
+        n: text
+        for n, text in env.items()
+        if n.startswith("MICROBATCH_") and (n in _ENV_NAMES or not _SERVICE_LINK.fullmatch(n))
+    }
     _reject_unknown(ours, [*_ENV_NAMES, "MICROBATCH_CONFIG"], "")  # a typo must not pass silently
     ours.pop("MICROBATCH_CONFIG", None)
     out: dict[str, dict[str, Any]] = {t: {} for t in _TABLES}

@@ -684,3 +684,22 @@ def test_the_token_is_redacted_in_the_logged_config() -> None:
     secret = load(env={"MICROBATCH_SERVER_AUTH_TOKEN": "hunter2"}).redacted()
     assert secret["server"]["auth_token"] == "***"  # type: ignore[index]
     assert "hunter2" not in json.dumps(secret)
+
+
+def test_kubernetes_service_link_variables_are_not_taken_for_settings() -> None:
+    env = {
+        "MICROBATCH_SERVICE_HOST": "10.0.0.7",
+        "MICROBATCH_SERVICE_PORT": "8080",
+        "MICROBATCH_SERVICE_PORT_HTTP": "8080",
+        "MICROBATCH_PORT": "tcp://10.0.0.7:8080",
+        "MICROBATCH_PORT_8080_TCP": "tcp://10.0.0.7:8080",
+        "MICROBATCH_PORT_8080_TCP_PROTO": "tcp",
+        "MICROBATCH_PORT_8080_TCP_PORT": "8080",
+        "MICROBATCH_PORT_8080_TCP_ADDR": "10.0.0.7",
+        "MICROBATCH_PREDICTOR_SERVICE_HOST": "10.0.0.8",  # KServe's microbatch-predictor
+        "MICROBATCH_PREDICTOR_PORT_80_TCP_ADDR": "10.0.0.8",
+        "MICROBATCH_SERVER_PORT": "9000",
+    }
+    assert load(None, env).server.port == 9000
+    with pytest.raises(ConfigError, match="MICROBATCH_SERVER_PROT is not a setting"):
+        load(None, {"MICROBATCH_SERVER_PROT": "9000"})
