@@ -1,0 +1,152 @@
+"""Before and after in one run: the same saturation and lone-request measurements as
+`microbatch bench`, against `microbatch serve` from two checkouts, in alternating rounds (ABBA
+order, so that a drift of the machine hits both alike); medians and the after/before ratio.
+
+    python scripts/bench_ab.py --before ../baseline --after . --rounds 5 --model linear
+
+Runs in the CLI process; each server is a subprocess started from its own checkout (its own
+code on the import path), saturated by wrk (64 keep-alive connections, one fixed msgpack body)
+and timed by lone requests over one keep-alive connection. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgpack
+import numpy as np
+
+from server.loadgen.wrk import run_wrk_blocking, wrk_path
+
+INPUTS = {"linear": 10, "mlp": 256}
+_LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass
+class Cell:
+    label: str
+    model: str
+    saturation_rps: float
+    errors: int
+    lone_p50_ms: float
+
+
+def body_for(model: str) -> bytes:
+    x = np.random.default_rng(0).standard_normal(INPUTS[model]).astype(np.float32)
+    tensor = {"dtype": "float32", "shape": list(x.shape), "data": x.tobytes()}
+    return msgpack.packb({"inputs": {"x": tensor}})  # type: ignore[no-any-return]
+
+
+def start(checkout: Path, model: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MICROBATCH_")}
+    env["PYTHONPATH"] = str(checkout)
+    env["MICROBATCH_DEVICES_CALIBRATION_CACHE"] = ""
+    log = Path(tempfile.mkstemp(prefix="bench-ab-", suffix=".log")[1])
+    argv = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--model", model]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, cwd=checkout, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        match = _LISTENING.search(text)
+        if match and "ready: serving" in text:
+            return process, match.group(1), log
+        if process.poll() is not None:
+            raise SystemExit(f"server from {checkout} exited:\n{text[-2000:]}")
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit(f"server from {checkout} not ready in 120 s")
+
+
+def lone_p50_ms(url: str, model: str, body: bytes, count: int) -> float:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    headers = {"Content-Type": "application/msgpack"}
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn.request("POST", f"/v1/models/{model}/infer", body, headers)
+        response = conn.getresponse()
+        response.read()
+        times.append((time.perf_counter() - started) * 1000.0)
+        if response.status != 200:
+            raise SystemExit(f"lone request answered {response.status}")
+    conn.close()
+    return statistics.median(times)
+
+
+def measure(label: str, checkout: Path, model: str, seconds: float) -> Cell:
+    wrk = wrk_path()
+    assert wrk is not None
+    process, url, log = start(checkout, model)
+    try:
+        body = body_for(model)
+        infer = f"{url}/v1/models/{model}/infer"
+        run_wrk_blocking(wrk, infer, body, 64, 2.0)  # warm-up
+        report = run_wrk_blocking(wrk, infer, body, 64, seconds)
+        errors = report.non_2xx + report.socket_errors
+        lone = lone_p50_ms(url, model, body, 400)
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.unlink(missing_ok=True)
+    rps = max(0, report.requests - errors) / report.duration_s
+    return Cell(label, model, rps, errors, lone)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", required=True, type=Path, help="checkout measured as before")
+    parser.add_argument("--after", required=True, type=Path, help="checkout measured as after")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=8.0, help="saturation run per cell")
+    parser.add_argument("--model", action="append", choices=sorted(INPUTS), default=[])
+    args = parser.parse_args()
+    if wrk_path() is None:
+        raise SystemExit("bench_ab needs wrk")
+    cells: list[Cell] = []
+    for model in args.model or ["linear", "mlp"]:
+        for r in range(args.rounds):
+            order = [("before", args.before), ("after", args.after)]
+            for label, checkout in order if r % 2 == 0 else order[::-1]:
+                cell = measure(label, checkout.resolve(), model, args.seconds)
+                cells.append(cell)
+                print(
+                    f"round {r + 1} {model:6} {label:6} {cell.saturation_rps:9.0f} req/s "
+                    f"(errors {cell.errors})  lone p50 {cell.lone_p50_ms:.3f} ms",
+                    flush=True,
+                )
+        report(model, [c for c in cells if c.model == model])
+    return 0
+
+
+def report(model: str, cells: list[Cell]) -> None:
+    def med(label: str, pick: str) -> float:
+        return float(statistics.median(getattr(c, pick) for c in cells if c.label == label))
+
+    before, after = med("before", "saturation_rps"), med("after", "saturation_rps")
+    lone_b, lone_a = med("before", "lone_p50_ms"), med("after", "lone_p50_ms")
+    rounds = sum(c.label == "before" for c in cells)
+    print(
+        f"{model}: median of {rounds} rounds: saturation {before:.0f} -> {after:.0f} req/s "
+        f"(after/before {after / before:.3f}); lone p50 {lone_b:.3f} -> {lone_a:.3f} ms "
+        f"({lone_a / lone_b:.3f})",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
