@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 
 from client.async_client import AsyncClient
+from client.endpoints import Resolver, system_resolver
 from client.inputs import Inputs
 from client.model_info import ModelInfo
 from client.prediction import Prediction
@@ -36,14 +37,21 @@ class Client:
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
+        url: str | Sequence[str] = "http://127.0.0.1:8000",
         *,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safely shared
         max_connections: int = 64,
+        resolve_every_s: float | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._client = AsyncClient(
-            url, timeout_s=timeout_s, retry=retry, max_connections=max_connections
+            url,
+            timeout_s=timeout_s,
+            retry=retry,
+            max_connections=max_connections,
+            resolve_every_s=resolve_every_s,
+            resolver=resolver,
         )
         self.url = url
         self.timeout_s = timeout_s
