@@ -17,10 +17,11 @@ from typing import Any, Literal, TypeVar, overload
 import numpy as np
 
 from client.call import Deadline, Retrying, send
-from client.errors import ConnectError, ServerError
+from client.endpoints import Endpoints, Resolver, system_resolver
 from client.inputs import Inputs, batch_form, join, named_inputs, split
 from client.model_info import ModelInfo, parse_listing
 from client.prediction import Prediction, RequestInfo
+from client.probe import probe
 from client.retry import RetryPolicy
 from client.transport import Address, Transport
 from client.wire import (
@@ -37,21 +38,29 @@ _Outputs = tuple[dict[str, np.ndarray], RequestInfo]
 
 
 class AsyncClient:
-    """A client of one microbatch server; use it as `async with AsyncClient(url) as client:`.
+    """A client of microbatch servers; use it as `async with AsyncClient(url) as client:`.
 
-    `url` is http://host:port or unix:///path/to.sock. `timeout_s` is the default time a call
-    may take, retries and split parts included (each call may pass its own). `retry` sets how
-    503s and refused connections are retried; None turns retries off. At most
-    `max_connections` requests are in flight at once, on reused keep-alive connections.
+    `url` is http://host:port or unix:///path/to.sock, or a list of them: each request then goes
+    to the endpoint with fewer requests outstanding of two drawn at random, and one that refuses
+    connections or answers 503 shutting_down or not_ready sits out for a while (client/balance.py).
+    With `resolve_every_s`, each URL's host name stands for all of its addresses, resolved
+    (by `resolver`, default the system's) on first use and again every `resolve_every_s`
+    seconds: a Kubernetes headless Service's pods, for instance. `timeout_s` is the default
+    time a call may take, retries and split parts included (each call may pass its own).
+    `retry` sets how 503s and refused connections are retried; None turns retries off. At
+    most `max_connections` requests are in flight at once (over TCP; as many again per Unix
+    socket), on reused keep-alive connections.
     """
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
+        url: str | Sequence[str] = "http://127.0.0.1:8000",
         *,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safely shared
         max_connections: int = 64,
+        resolve_every_s: float | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -59,7 +68,11 @@ class AsyncClient:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.url = url
         self.timeout_s = timeout_s
-        self._transport = Transport(Address.parse(url), max_connections)
+        urls = [url] if isinstance(url, str) else list(url)
+        self._endpoints = Endpoints(
+            [Address.parse(u) for u in urls], resolve_every_s=resolve_every_s, resolver=resolver
+        )
+        self._transport = Transport(max_connections)
         self._retrying = Retrying(retry, random.Random())
         self._max_connections = max_connections
         self._listing: dict[str, ModelInfo] | None = None
@@ -77,10 +90,12 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the pooled connections; the client cannot be used afterwards."""
+        self._endpoints.close()
         await self._transport.close()
 
     async def health(self, *, timeout_s: float | None = None) -> bool:
         """True when the server process answers /healthz; False when nothing listens there.
+        With several endpoints, True when any of them does.
 
         Probes are never retried; a server that does not answer in time raises Timeout.
         """
@@ -88,28 +103,14 @@ class AsyncClient:
 
     async def ready(self, *, timeout_s: float | None = None) -> bool:
         """True when the server takes requests now (/readyz 200); False while it starts or
-        drains (503) and when nothing listens. Never retried; no answer in time is a Timeout."""
+        drains (503) and when nothing listens. With several endpoints, True when any of them
+        takes requests. Never retried; no answer in time is a Timeout."""
         return await self._probe("/readyz", timeout_s)
 
     async def _probe(self, path: str, timeout_s: float | None) -> bool:
         deadline = Deadline.after(self.timeout_s if timeout_s is None else timeout_s)
-        try:
-            await send(
-                self._transport,
-                "GET",
-                path,
-                _no_body,
-                {},
-                deadline,
-                Retrying(None, self._retrying.rng),
-            )
-        except ConnectError:
-            return False
-        except ServerError as exc:
-            if exc.http_status == 503:
-                return False
-            raise
-        return True
+        endpoints = await self._endpoints.current()
+        return await probe(self._transport, endpoints, path, deadline, self._retrying.rng)
 
     async def models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The served models (specs and batching), fetched now; also refreshes the cache that
@@ -124,7 +125,14 @@ class AsyncClient:
 
     async def _fetch_listing(self, deadline: Deadline) -> dict[str, ModelInfo]:
         reply = await send(
-            self._transport, "GET", "/v1/models", _no_body, ACCEPT_MSGPACK, deadline, self._retrying
+            self._transport,
+            self._endpoints,
+            "GET",
+            "/v1/models",
+            _no_body,
+            ACCEPT_MSGPACK,
+            deadline,
+            self._retrying,
         )
         self._listing = parse_listing(decode_body(reply.body, reply.content_type, "/v1/models"))
         return self._listing
@@ -245,6 +253,7 @@ class AsyncClient:
         tensors = encode_inputs(inputs)
         reply = await send(
             self._transport,
+            self._endpoints,
             "POST",
             f"/v1/models/{model}/infer",
             lambda remaining_s: infer_body(tensors, request_id, remaining_s * 1000.0),

@@ -21,6 +21,8 @@ Runs wherever the client runs (any thread, any event loop); pure Python, no aioh
     └── TransportError           no usable answer came back
         ├── ConnectError         could not connect (refused, no such socket), or a reused
         │                        keep-alive connection closed before any answer: retried
+        ├── Disconnected         a new connection closed before any answer: retried only on
+        │                        another endpoint (the server may have failed on this request)
         ├── Timeout              the call's time ran out on this side (also a TimeoutError)
         └── InvalidResponse      an answer that is not the protocol (bad body, wrong request id)
 
@@ -122,9 +124,19 @@ class TransportError(MicrobatchError):
 class ConnectError(TransportError):
     """No answer began: the connection could not be made (the request was never sent), or a
     pooled keep-alive connection was closed or reset by the server before one byte of an answer
-    came (a stale connection; client/transport.py says why a retry is safe). Retried."""
+    came (`stale`; client/transport.py says why a retry is safe). Retried."""
 
     retryable = True
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+class Disconnected(TransportError):
+    """The server closed or reset a new connection before one byte of an answer: it may have
+    read this request and failed on it, so it is never sent to the same endpoint again; a
+    client of several endpoints retries it on another (inference requests are safe to repeat)."""
 
 
 class Timeout(TransportError, TimeoutError):

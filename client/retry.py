@@ -17,8 +17,10 @@ class RetryPolicy:
 
     Only failures marked retryable are retried: 503 overloaded, shutting_down and not_ready,
     connections that could not be made (so the request was never sent), and a reused keep-alive
-    connection the server closed before any byte of an answer. A 4xx, a 500 or a 504 is never
-    retried, and no retry starts past the call's own timeout.
+    connection the server closed before any byte of an answer; with several endpoints, also a
+    new connection closed before any answer, on another endpoint. A 4xx, a 500 or a 504 is
+    never retried, and no retry starts past the call's own timeout. `max_retries` counts
+    retries on other endpoints too.
     """
 
     max_retries: int = 3
@@ -44,6 +46,8 @@ def retry_delay_s(
     retry_after_s: float | None,
     remaining_s: float,
     uniform: float,
+    *,
+    elsewhere: bool = False,
 ) -> float | None:
     """Seconds to wait before the next attempt, or None to give up now.
 
@@ -51,9 +55,13 @@ def retry_delay_s(
     spreads the wait over the upper half of the backoff, so that clients turned away together
     do not come back together. The server's Retry-After is a floor; when even that would end
     past the call's remaining time, retrying is pointless and the failure stands.
+    `elsewhere`: the next attempt goes to another endpoint, one neither tried by this call nor
+    skipped, so it goes at once (the failed endpoint's backoff and Retry-After are its own).
     """
     if policy is None or retries_done >= policy.max_retries:
         return None
+    if elsewhere:
+        return 0.0 if remaining_s > 0 else None
     ceiling = min(
         policy.backoff_max_s,
         policy.backoff_initial_s * policy.backoff_multiplier**retries_done,

@@ -3,20 +3,23 @@
 Calls block the calling thread; the work runs on a private event loop in one background thread
 that owns the AsyncClient and its connection pool, so any number of threads share the pooled
 keep-alive connections. Safe to use from inside another event loop's thread (it never touches
-the caller's loop).
+the caller's loop). A Client that is never closed is closed when it is collected or, at the
+latest, at interpreter exit (a weakref finalizer), so aiohttp never warns of an unclosed session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Mapping
+import weakref
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 
 from client.async_client import AsyncClient
+from client.endpoints import Resolver, system_resolver
 from client.inputs import Inputs
 from client.model_info import ModelInfo
 from client.prediction import Prediction
@@ -34,14 +37,21 @@ class Client:
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
+        url: str | Sequence[str] = "http://127.0.0.1:8000",
         *,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safely shared
         max_connections: int = 64,
+        resolve_every_s: float | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._client = AsyncClient(
-            url, timeout_s=timeout_s, retry=retry, max_connections=max_connections
+            url,
+            timeout_s=timeout_s,
+            retry=retry,
+            max_connections=max_connections,
+            resolve_every_s=resolve_every_s,
+            resolver=resolver,
         )
         self.url = url
         self.timeout_s = timeout_s
@@ -53,6 +63,12 @@ class Client:
         # Guards submission against close(): nothing is submitted once the loop is stopping.
         self._lock = threading.Lock()
         self._closed = False
+        # Holds no reference to self, so that an unclosed Client can still be collected; runs
+        # once, from close(), from the collector or at interpreter exit (while the daemon loop
+        # thread still runs), whichever comes first.
+        self._finalizer = weakref.finalize(
+            self, _close_blocking, self._client, self._loop, self._thread
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -71,17 +87,7 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    async def _shutdown(self) -> None:
-        await self._client.close()
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        self._finalizer()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
@@ -203,3 +209,25 @@ class Client:
         return self._run(
             self._client._predict_many_shaped(model, items, concurrency, timeout_s, return_info)
         )
+
+
+def _close_blocking(
+    client: AsyncClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+) -> None:
+    """Close the client's connections on its loop, then stop the loop and its thread."""
+    if threading.current_thread() is thread:
+        # Collected on its own loop thread, which cannot wait for itself: close, then stop.
+        loop.create_task(_shutdown(client)).add_done_callback(lambda _: loop.stop())
+        return
+    asyncio.run_coroutine_threadsafe(_shutdown(client), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+async def _shutdown(client: AsyncClient) -> None:
+    await client.close()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)

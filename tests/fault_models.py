@@ -31,6 +31,22 @@ class Work(torch.nn.Module):
         return x * 2.0 + 0.0 * acc[0, 0]
 
 
+class Burn(torch.nn.Module):
+    """y = 2x on float32[2], after `rounds` 256x256 matrix products per sample of the batch:
+    a model whose cost per request is set when it is saved (a slow replica: more rounds)."""
+
+    def __init__(self, rounds: int) -> None:
+        super().__init__()
+        self.rounds = rounds
+        self.register_buffer("m", torch.full((256, 256), 1.0 / 256))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = self.m
+        for _ in range(self.rounds * x.shape[0]):
+            acc = acc @ self.m
+        return x * 2.0 + 0.0 * acc[0, 0]
+
+
 class FailsWarmUp(torch.nn.Module):
     """Answers one sample (so it loads) and raises on any larger batch (so its warm-up fails)."""
 

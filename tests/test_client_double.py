@@ -37,6 +37,7 @@ class Hit:
     at: float  # time.monotonic() on arrival
     peer: Any  # the client's end of the connection (one per keep-alive connection)
     body: dict[str, Any]
+    host: str = ""  # the request's Host header
 
 
 @dataclass
@@ -85,6 +86,8 @@ class Double:
         self.release = asyncio.Event()
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/healthz", self._alive)
+        app.router.add_get("/readyz", self._alive)
         app.router.add_post("/v1/models/{model}/infer", self._infer)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
         await self._runner.setup()
@@ -96,6 +99,9 @@ class Double:
         await site.start()
         if not self.uds:
             self._port = self._runner.addresses[0][1]
+
+    async def _alive(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
 
     async def _models(self, request: web.Request) -> web.Response:
         spec = {"name": "input", "dtype": "float32", "shape": [2]}
@@ -111,7 +117,7 @@ class Double:
     async def _infer(self, request: web.Request) -> web.StreamResponse:
         body = msgpack.unpackb(await request.read())
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.hits.append(Hit(time.monotonic(), peer, body))
+        self.hits.append(Hit(time.monotonic(), peer, body, request.headers.get("Host", "")))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -9,6 +9,8 @@ built-ins' numpy reference, and the multi-input model is a small TorchScript fil
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +245,36 @@ def test_sync_client_is_safe_from_many_threads(server: ServerProcess) -> None:
     assert len(answers) == 8 * 25
     for x, y in answers.values():
         assert_model_output("linear", x, y)
+
+
+LEFT_OPEN = """
+import gc, sys
+import numpy as np
+from client import Client
+mb = Client(sys.argv[1])
+print(mb.predict("linear", np.ones(10, np.float32))[0])
+if sys.argv[2] == "dropped":
+    del mb
+    gc.collect()
+    print("collected")
+"""
+
+
+@pytest.mark.parametrize("how", ["left_open", "dropped"])
+def test_a_sync_client_never_closed_exits_without_unclosed_warnings(
+    server: ServerProcess, how: str
+) -> None:
+    # "left_open": still referenced at interpreter exit; "dropped": collected before it.
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", LEFT_OPEN, server.url, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[0]) == pytest.approx(
+        float(reference_forward("linear", np.ones((1, 10), np.float32))[0, 0]), rel=1e-4
+    )
+    assert "Unclosed" not in done.stderr and "unclosed" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

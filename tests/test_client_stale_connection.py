@@ -164,3 +164,20 @@ async def test_a_new_connection_closed_unanswered_is_not_retried() -> None:
             await mb.predict("echo", X)
     assert not isinstance(caught.value, client.ConnectError)
     assert stale.dropped == 1
+
+
+async def test_with_several_endpoints_a_new_connection_closed_unanswered_goes_elsewhere() -> None:
+    # The server may have failed on this very request, so it is never sent there again; but
+    # inference is safe to repeat, so another endpoint gets it (one endpoint: the test above).
+    dropping, answering = StaleServer("close", drop_at=1), StaleServer("close", drop_at=10**6)
+    async with (
+        serving(dropping) as dropping_url,
+        serving(answering) as answering_url,
+        AsyncClient([dropping_url, answering_url], retry=FAST_RETRY) as mb,
+    ):
+        for i in range(20):
+            y = await mb.predict("echo", X + i, request_id=f"r{i}")
+            np.testing.assert_array_equal(y, X + i)
+    answered = [msgpack.unpackb(b)["id"] for b in answering.posts]
+    assert answered == [f"r{i}" for i in range(20)]  # each once, in order
+    assert dropping.dropped >= 1  # chosen first about half of the time, then skipped
