@@ -49,7 +49,8 @@ class AsyncClient:
     time a call may take, retries and split parts included (each call may pass its own).
     `retry` sets how 503s and refused connections are retried; None turns retries off. At
     most `max_connections` requests are in flight at once (over TCP; as many again per Unix
-    socket), on reused keep-alive connections.
+    socket), on reused keep-alive connections. `token`: the server's bearer token
+    (server.auth_token), sent with every request.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class AsyncClient:
         max_connections: int = 64,
         resolve_every_s: float | None = None,
         resolver: Resolver = system_resolver,
+        token: str | None = None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -72,7 +74,7 @@ class AsyncClient:
         self._endpoints = Endpoints(
             [Address.parse(u) for u in urls], resolve_every_s=resolve_every_s, resolver=resolver
         )
-        self._transport = Transport(max_connections)
+        self._transport = Transport(max_connections, token)
         self._retrying = Retrying(retry, random.Random())
         self._max_connections = max_connections
         self._listing: dict[str, ModelInfo] | None = None

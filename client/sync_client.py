@@ -44,6 +44,7 @@ class Client:
         max_connections: int = 64,
         resolve_every_s: float | None = None,
         resolver: Resolver = system_resolver,
+        token: str | None = None,
     ) -> None:
         self._client = AsyncClient(
             url,
@@ -52,6 +53,7 @@ class Client:
             max_connections=max_connections,
             resolve_every_s=resolve_every_s,
             resolver=resolver,
+            token=token,
         )
         self.url = url
         self.timeout_s = timeout_s

@@ -73,8 +73,10 @@ class Transport:
     """Lazily made aiohttp sessions: one for every TCP address (at most `max_connections` in
     flight over all of them) and one per Unix socket; `request` returns any status as a Reply."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, token: str | None = None) -> None:
         self._max_connections = max_connections
+        # Sent with every request: the server's bearer token (server.auth_token), if it has one.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._sessions: dict[str | None, aiohttp.ClientSession] = {}  # by socket path
         self._closed = False
 
@@ -109,7 +111,7 @@ class Transport:
         session = self._session_for(address.socket_path)
         where = address.socket_path or address.base_url
         attempt = _Attempt()
-        sent_headers = dict(headers)
+        sent_headers = {**headers, **self._auth}
         if address.host_header is not None:  # an address resolved from a name: keep the name
             sent_headers["Host"] = address.host_header
         try:

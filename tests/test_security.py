@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client import Client, Unauthorized
 from server.config import ServerSettings
 from tests.conftest import infer_msgpack, nested, request, tensor
 from tests.probes import wait_for
@@ -151,6 +152,13 @@ def test_the_token_opens_every_endpoint(guarded: ServerProcess) -> None:
     )
     assert status == 200
     assert TOKEN not in guarded.log()  # the effective config is logged redacted
+
+
+def test_the_python_client_sends_the_token(guarded: ServerProcess) -> None:
+    with Client(guarded.url, token=TOKEN) as mb:
+        assert mb.ready() and mb.predict("linear", np.ones(10, np.float32)).shape == (1,)
+    with Client(guarded.url, retry=None) as mb, pytest.raises(Unauthorized):
+        mb.predict("linear", np.ones(10, np.float32))
 
 
 @pytest.mark.parametrize(
