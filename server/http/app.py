@@ -20,6 +20,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from server.http import handlers
 from server.http.auth import OPEN_PATHS, authorized, unauthorized
+from server.http.connections import ConnectionLimits, ConnectionServer
+from server.http.request_body import LimitedRequest
 from server.http.state import ServerState
 
 Handler = Callable[[ServerState, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -72,8 +74,9 @@ def infer_model(path: str) -> str | None:
     return model if model and "/" not in model else None
 
 
-def create_server(state: ServerState, access_log: logging.Logger | None) -> web.Server:
-    """The low-level aiohttp server; request bodies are capped at server.max_body_bytes."""
+def create_server(state: ServerState, access_log: logging.Logger | None) -> ConnectionServer:
+    """The low-level aiohttp server, its connections and request bodies bounded by the
+    [server] limits (connections.py, request_body.py)."""
     max_body_bytes = state.config.server.max_body_bytes
     loop = asyncio.get_running_loop()
 
@@ -84,7 +87,7 @@ def create_server(state: ServerState, access_log: logging.Logger | None) -> web.
         writer: object,
         task: object,
     ) -> web.BaseRequest:
-        return web.BaseRequest(
+        return LimitedRequest(
             message,
             payload,
             protocol,
@@ -94,8 +97,9 @@ def create_server(state: ServerState, access_log: logging.Logger | None) -> web.
             client_max_size=max_body_bytes,
         )
 
-    return web.Server(
+    return ConnectionServer(
         PathTable(state),
+        limits=ConnectionLimits.of(state.config.server),
         request_factory=make_request,
         handler_cancellation=True,  # a client that hangs up cancels its queued request
         access_log=access_log,

@@ -206,12 +206,14 @@ async def healthz(state: ServerState, request: web.BaseRequest) -> web.Response:
 
 
 async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
-    body: dict[str, Any] = {"status": state.phase.value}
+    # A stop signal came: not ready at once, though server.drain_delay_s may keep it serving.
+    body: dict[str, Any] = {"status": (Phase.DRAINING if state.stopping else state.phase).value}
     if state.failure:
         body["reason"] = state.failure
     if state.missing:  # server.on_model_failure = serve_others: ready, without these
         body["missing"] = state.missing
-    return _plain(request, body, status=200 if state.phase is Phase.READY else 503)
+    ready = state.phase is Phase.READY and not state.stopping
+    return _plain(request, body, status=200 if ready else 503)
 
 
 async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:
