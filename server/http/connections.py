@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Collection, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -173,8 +173,8 @@ class ConnectionServer(web.Server):
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         self.closed["over_limit"] += 1
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(self._refusal)
+        # uvloop's transports are not registered as asyncio.Transport subclasses.
+        cast(asyncio.Transport, transport).write(self._refusal)
         transport.close()
 
     def forget(self, connection: Connection) -> None:
