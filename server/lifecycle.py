@@ -55,9 +55,9 @@ async def serve(config: Config) -> int:
     except OSError as exc:  # address in use, a stale path, no permission: say so and stop
         log.error("cannot listen: %s", exc)
         return 1
+    _warn_if_exposed(listener, config)
     for url in listener.urls():
         log.info("listening on %s", url)
-    _warn_if_exposed(listener, config)
     state.metrics.registry.register(ConnectionMetrics(server))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,7 +17,8 @@ EXPOSED = "which others can reach, with no auth token"
 
 
 def start_log(*args: str, env: dict[str, str] | None = None) -> str:
-    """What a server logs up to and including its listening line (then it is stopped)."""
+    """What a server logs up to and including its listening line (then it is stopped); the
+    warning comes before that line."""
     with start_server(*args, "--model", "linear", env=env, wait_ready=False) as server:
         wait_for(lambda: "listening on" in server.log(), 60, "the listener")
         return server.log()
