@@ -33,7 +33,8 @@ class LimitedRequest(web.BaseRequest):
                 else:
                     body = await self._read_streaming()
             except (RequestPayloadError, HttpProcessingError) as exc:
-                raise self._unreadable(exc) from None
+                self._abandon_body()  # the stream cannot be trusted past this point
+                raise _unreadable(exc) from None
             self._read_bytes = body
         return self._read_bytes
 
@@ -54,10 +55,11 @@ class LimitedRequest(web.BaseRequest):
         try:
             while chunk := await payload.readany():
                 body.extend(chunk)
-                if len(body) > limit:
-                    raise _too_large(name, limit)
-                if encoded and (payload.total_compressed_bytes or 0) > sent_limit:
-                    raise _too_large("max_body_bytes", sent_limit)
+                too_large = self._too_large(len(body), limit, name)
+                if too_large is not None:
+                    if encoded:
+                        self._abandon_body()  # decompressing the rest would be wasted work
+                    raise too_large
                 if stall is not None:
                     stall.touch()
         finally:
@@ -65,15 +67,28 @@ class LimitedRequest(web.BaseRequest):
                 stall.cancel()
         return bytes(body)
 
-    def _unreadable(self, exc: Exception) -> BadRequest:
-        """The body is not what its headers say; the stream cannot be trusted past it, so the
-        connection closes after the answer and nothing more of the body is waited for."""
+    def _too_large(self, size: int, limit: int, name: str) -> PayloadTooLarge | None:
+        if size > limit:
+            return _too_large(name, limit)
+        if (self._payload.total_compressed_bytes or 0) > self._client_max_size:
+            return _too_large("max_body_bytes", self._client_max_size)  # as sent, compressed
+        return None
+
+    def _abandon_body(self) -> None:
+        """Read no more of this body: the connection stops reading and closes after the
+        answer, rather than waiting for the rest (aiohttp's lingering read) or decompressing
+        it. The payload is ended here, so nothing is fed to it after its end."""
         if isinstance(self._protocol, Connection):
             self._protocol.close_after_answer()
+            if self._protocol.transport is not None:
+                self._protocol.transport.pause_reading()
         self._payload.feed_eof()
-        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
-        why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
-        return BadRequest(f"the request body could not be read: {why}")
+
+
+def _unreadable(exc: Exception) -> BadRequest:
+    cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+    why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+    return BadRequest(f"the request body could not be read: {why}")
 
 
 def _too_large(setting: str, limit: int) -> PayloadTooLarge:
