@@ -1,6 +1,7 @@
 """Server start-up and shutdown: listen -> load and warm the models in the pool -> start any GPUs
-and the router over them (server/routing/devices.py) -> ready; and on SIGTERM/SIGINT: not ready
--> refuse new requests -> finish what was admitted -> stop workers.
+and the router over them (server/routing/devices.py) -> ready; and on SIGTERM/SIGINT: the drain
+(server/drain.py: not ready -> refuse new requests -> finish what was admitted -> close the
+connections, then the listener) -> stop workers.
 
 Event loop (main process). /healthz answers from the first moment; /readyz only once every
 model is loaded and warmed up in every worker (or, with server.on_model_failure = serve_others,
