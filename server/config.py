@@ -67,7 +67,6 @@ class ServerSettings:
     max_dims: int = 8
     access_log: bool = False
     drain_timeout_s: float = 30.0
-    drain_delay_s: float = 0.0  # after SIGTERM, serve on (not ready) this long before draining
     log_level: str = "info"
     max_msgpack_depth: int = 16  # containers within containers in a msgpack body
     max_msgpack_items: int = 1024  # entries of one msgpack array or map
@@ -75,6 +74,12 @@ class ServerSettings:
     on_model_failure: str = "exit"  # a model fails to load: exit | serve_others
     auth_token: str | None = None  # bearer token required on every endpoint but /healthz
     auth_token_file: str | None = None  # or read it from this file at start-up
+    head_timeout_s: float = 10.0  # a new connection's first request head must arrive in this
+    body_timeout_s: float = 30.0  # longest pause between two reads of a request body
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # open connections; beyond it new ones are closed at once
+    max_decompressed_bytes: int = 64 * 1024 * 1024  # a gzip/deflate/br body, once decompressed
+    drain_delay_s: float = 0.0  # on SIGTERM, serve on this long while /readyz answers 503
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,11 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_dims": ("be >= 1", lambda v: v >= 1),
     "drain_timeout_s": ("be >= 0", lambda v: v >= 0),
     "drain_delay_s": ("be >= 0", lambda v: v >= 0),
+    "head_timeout_s": ("be > 0", lambda v: v > 0),
+    "body_timeout_s": ("be > 0", lambda v: v > 0),
+    "keepalive_timeout_s": ("be > 0", lambda v: v > 0),
+    "max_connections": ("be >= 1", lambda v: v >= 1),
+    "max_decompressed_bytes": ("be >= 1", lambda v: v >= 1),
     "max_msgpack_depth": ("be >= 1", lambda v: v >= 1),
     "max_msgpack_items": ("be >= 1", lambda v: v >= 1),
     "max_msgpack_str_bytes": ("be >= 1", lambda v: v >= 1),

@@ -1,6 +1,7 @@
 """Server start-up and shutdown: listen -> load and warm the models in the pool -> start any GPUs
-and the router over them (server/routing/devices.py) -> ready; and on SIGTERM/SIGINT: not ready
--> refuse new requests -> finish what was admitted -> stop workers.
+and the router over them (server/routing/devices.py) -> ready; and on SIGTERM/SIGINT: the drain
+(server/drain.py: not ready -> refuse new requests -> finish what was admitted -> close the
+connections, then the listener) -> stop workers.
 
 Event loop (main process). /healthz answers from the first moment; /readyz only once every
 model is loaded and warmed up in every worker (or, with server.on_model_failure = serve_others,
@@ -14,16 +15,15 @@ import logging
 import os
 import signal
 
-from aiohttp import web
-
 from server.batching.queue import BatchQueue
 from server.clock import MonotonicClock
 from server.config import Config
-from server.errors import ShuttingDown
+from server.drain import drain, stop_serving
 from server.executors.cpu_pool import CpuPool, PoolStartError
 from server.http.app import create_server
+from server.http.connections import ConnectionMetrics
+from server.http.listener import Listener
 from server.http.state import Endpoint, Phase, ServerState
-from server.http.unix_socket import bind_unix_socket
 from server.metrics import Metrics
 from server.protocol.codec import Limits
 from server.routing.devices import Devices
@@ -52,14 +52,15 @@ async def serve(config: Config) -> int:
     devices = state.devices = Devices(config, state.clock)
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     server = create_server(state, access_log=access_log)
-    runner = web.ServerRunner(server, handle_signals=False)
-    await runner.setup()
     try:
-        await _listen(runner, config)
+        listener = await Listener.open(server, settings)
     except OSError as exc:  # address in use, a stale path, no permission: say so and stop
         log.error("cannot listen: %s", exc)
-        await runner.cleanup()
         return 1
+    _warn_if_exposed(listener, config)
+    for url in listener.urls():
+        log.info("listening on %s", url)
+    state.metrics.registry.register(ConnectionMetrics(server))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -74,7 +75,7 @@ async def serve(config: Config) -> int:
     )
     state.pool = pool
     if not await _start_pool(state, pool, stop, devices):
-        await runner.cleanup()
+        await stop_serving(server, listener)
         await devices.stop()
         await pool.stop()
         return 0 if stop.is_set() and state.phase is not Phase.FAILED else 1
@@ -85,28 +86,22 @@ async def serve(config: Config) -> int:
     log.info("ready: serving %s", ", ".join(state.endpoints))
 
     await stop.wait()
-    await _drain(state)
-    await runner.cleanup()
+    await drain(state, server, listener)
     await devices.stop()
     await pool.stop()
     log.info("stopped")
     return 0
 
 
-async def _listen(runner: web.ServerRunner, config: Config) -> None:
-    settings = config.server
-    site: web.BaseSite
-    if settings.uds:
-        site = web.SockSite(runner, bind_unix_socket(settings.uds, settings.uds_mode))
-        await site.start()
-        log.info("listening on unix://%s", settings.uds)
-        return
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        shown = f"[{host}]" if ":" in host else host
-        log.info("listening on http://%s:%d", shown, port)
+def _warn_if_exposed(listener: Listener, config: Config) -> None:
+    exposed = listener.exposed()
+    if exposed and config.server.auth_token is None:
+        log.warning(
+            "listening on %s, which others can reach, with no auth token: anyone who reaches "
+            "it can run the models. Set MICROBATCH_SERVER_AUTH_TOKEN (or "
+            "server.auth_token_file), or listen on 127.0.0.1",
+            ", ".join(exposed),
+        )
 
 
 async def _start_pool(
@@ -171,22 +166,3 @@ def _register_gauges(state: ServerState, pool: CpuPool) -> None:
         "device",
         lambda: {pool.device: float(pool.live_workers())},
     )
-
-
-async def _drain(state: ServerState) -> None:
-    """Stop admitting; wait (bounded) until every admitted request has its answer."""
-    state.phase = Phase.DRAINING
-    for endpoint in state.endpoints.values():
-        endpoint.queue.close()
-    timeout_s = state.config.server.drain_timeout_s
-    log.info(
-        "draining: %d samples outstanding, up to %.0f s", state.outstanding_samples(), timeout_s
-    )
-    idle = [endpoint.queue.wait_idle() for endpoint in state.endpoints.values()]
-    try:
-        await asyncio.wait_for(asyncio.gather(*idle), timeout_s)
-    except asyncio.TimeoutError:
-        log.warning("drain timed out with %d samples outstanding", state.outstanding_samples())
-        late = ShuttingDown("the server stopped before this request ran (server.drain_timeout_s)")
-        for endpoint in state.endpoints.values():
-            endpoint.queue.abort(late)

@@ -201,6 +201,7 @@ def guarded() -> Iterator[ServerProcess]:
     env = {
         "MICROBATCH_SERVER_AUTH_TOKEN": TOKEN,
         "MICROBATCH_SERVER_MAX_BODY_BYTES": str(64 * 1024),
+        "MICROBATCH_SERVER_MAX_DECOMPRESSED_BYTES": str(64 * 1024),
     }
     with start_server(env=env, wait_ready=False) as server:
         auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -245,7 +246,7 @@ def test_body_limits_apply_to_the_raw_and_the_inflated_body(guarded: ServerProce
     bomb = gzip.compress(big)
     assert len(bomb) < 1024
     answer = request(guarded.url, "POST", INFER, bomb, headers={**auth, "Content-Encoding": "gzip"})
-    assert answer[0] == 413 and "server.max_body_bytes" in oip_error(answer)
+    assert answer[0] == 413 and "server.max_decompressed_bytes" in oip_error(answer)
     small = gzip.compress(body_of(linear_input()))
     answer = request(
         guarded.url, "POST", INFER, small, headers={**auth, "Content-Encoding": "gzip"}

@@ -24,6 +24,7 @@ from tests.probes import Answer, metric, queued, send, tally, wait_for, work, wo
 from tests.server_process import ServerProcess, start_server
 
 LONG = 2000  # rounds of tests/fault_models.Work: several seconds of compute
+FAR_MS = 300_000.0  # a request deadline no busy machine comes near
 
 
 def serve_work(directory: Path, env: dict[str, str] | None = None) -> ServerProcess:
@@ -94,9 +95,12 @@ async def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> N
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(i: int) -> None:
-            # Request 90 is long: the drain then lasts seconds while the load goes on.
+            # Request 90 is long: the drain then lasts seconds while the load goes on. The
+            # deadline is far: on a machine busy with other work the requests queued behind
+            # request 90 may wait long, and a 504 would test the deadline, not the drain.
             rounds = LONG if i == 90 else 3
-            answers[i] = await send(session, server.url, "work", work(float(i), rounds))
+            x = work(float(i), rounds)
+            answers[i] = await send(session, server.url, "work", x, timeout_ms=FAR_MS)
 
         tasks = []
         started = time.monotonic()

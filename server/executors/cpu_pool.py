@@ -31,6 +31,7 @@ from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
 from server.executors.framing import FrameReader
 from server.executors.model_info import ModelInfo
+from server.executors.reaper import reap
 from server.executors.shm_layout import ModelPlaces, plan_layout
 from server.executors.watchdog import Watchdog
 from server.executors.worker_entry import WorkerSetup, run_worker
@@ -378,6 +379,7 @@ class CpuPool:
         if not worker.alive:
             return
         self._close_worker(worker, send_stop=False)
+        reap(worker.process)
         if worker.started is not None and not worker.started.done():
             worker.started.set_exception(
                 PoolStartError(f"CPU worker {worker.index} exited during start-up")

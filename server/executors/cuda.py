@@ -37,6 +37,7 @@ import numpy as np
 from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
+from server.executors.reaper import reap
 from server.executors.shm_layout import plan_layout
 from server.executors.watchdog import Watchdog
 from server.models.spec import TensorSpec
@@ -400,6 +401,8 @@ class CudaExecutor:
         self._alive = False
         log.error("the %s worker died; its batches go to the other executors", self.device)
         self._close_conn()
+        if self._process is not None:
+            reap(self._process)
         self._fail_in_flight(ErrorCode.MODEL_ERROR, why or f"the {self.device} worker died")
         for listener in self._listeners:
             listener()

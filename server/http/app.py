@@ -21,6 +21,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from server.http import handlers, oip_handlers
 from server.http.auth import OPEN_PATHS, PROBE_PATHS, authorized, unauthorized
+from server.http.connections import ConnectionLimits, ConnectionServer
+from server.http.request_body import LimitedRequest
 from server.http.state import ServerState
 
 Handler = Callable[[ServerState, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -83,8 +85,9 @@ def _is_oip(path: str) -> bool:
     return path.startswith(_OIP_ROOT) and (len(path) == 3 or path[3] == "/")
 
 
-def create_server(state: ServerState, access_log: logging.Logger | None) -> web.Server:
-    """The low-level aiohttp server; request bodies are capped at server.max_body_bytes."""
+def create_server(state: ServerState, access_log: logging.Logger | None) -> ConnectionServer:
+    """The low-level aiohttp server, its connections and request bodies bounded by the
+    [server] limits (connections.py, request_body.py)."""
     max_body_bytes = state.config.server.max_body_bytes
     loop = asyncio.get_running_loop()
 
@@ -95,7 +98,7 @@ def create_server(state: ServerState, access_log: logging.Logger | None) -> web.
         writer: object,
         task: object,
     ) -> web.BaseRequest:
-        return web.BaseRequest(
+        return LimitedRequest(
             message,
             payload,
             protocol,
@@ -105,8 +108,9 @@ def create_server(state: ServerState, access_log: logging.Logger | None) -> web.
             client_max_size=max_body_bytes,
         )
 
-    return web.Server(
+    return ConnectionServer(
         PathTable(state),
+        limits=ConnectionLimits.of(state.config.server),
         request_factory=make_request,
         handler_cancellation=True,  # a client that hangs up cancels its queued request
         access_log=access_log,

@@ -171,20 +171,9 @@ async def run_infer(
         )
     if "Expect" in request.headers:
         await _continue(request)
-    try:
-        # aiohttp's parser inflates a gzip/deflate/br/zstd body in bounded steps, and the
-        # size limit applies to the inflated bytes: a small "zip bomb" is a 413, not a GiB.
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"body exceeds server.max_body_bytes ({state.config.server.max_body_bytes} bytes, "
-            "counted after Content-Encoding is undone)"
-        ) from None
-    except web.RequestPayloadError:  # a corrupt compressed body, or one cut short
-        coding = request.headers.get("Content-Encoding", "identity")
-        raise BadRequest(
-            f"body could not be read (Content-Encoding {coding}): corrupt or truncated"
-        ) from None
+    # Read within server.max_body_bytes, max_decompressed_bytes and body_timeout_s
+    # (request_body.py): over a limit is a 413, a corrupt or stalled body a 400.
+    body = await request.read()
     decoded = decode(body, context, state.limits)
     info = endpoint.info
     inputs, samples, single = match_inputs(
@@ -307,12 +296,13 @@ async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
 
 def readiness(state: ServerState) -> tuple[int, dict[str, Any]]:
     """/readyz's status code and body: 200 only when serving and every model can be run."""
-    body: dict[str, Any] = {"status": state.phase.value}
+    # A stop signal came: not ready at once, though server.drain_delay_s may keep it serving.
+    body: dict[str, Any] = {"status": (Phase.DRAINING if state.stopping else state.phase).value}
     if state.failure:
         body["reason"] = state.failure
     if state.missing:  # server.on_model_failure = serve_others: ready, without these
         body["missing"] = state.missing
-    ready = state.phase is Phase.READY
+    ready = state.phase is Phase.READY and not state.stopping
     unavailable = _unavailable(state) if ready else {}
     if unavailable:  # no worker can run these now: a load balancer should look elsewhere
         body["status"], body["unavailable"] = "unavailable", unavailable

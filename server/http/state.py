@@ -41,6 +41,7 @@ class ServerState:
     devices: Devices | None = None  # the GPUs, if any, and the router
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     phase: Phase = Phase.STARTING
+    stopping: bool = False  # a stop signal came: not ready, though still serving (drain.py)
     failure: str = ""
     missing: dict[str, str] = field(default_factory=dict)  # model -> why it failed to load
 
