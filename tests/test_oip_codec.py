@@ -18,7 +18,7 @@ from server.http.oip_handlers import Route, parse_route
 from server.protocol.codec import Limits
 from server.protocol.oip import Framing, OipRequest, RequestedOutput, decode_infer_request
 from server.protocol.oip_response import encode_infer_response
-from server.protocol.oip_tensor import WIRE_DTYPES
+from server.protocol.oip_tensor import WIRE_DTYPES, from_json
 
 LIMITS = Limits()
 
@@ -168,3 +168,12 @@ def test_a_json_only_response_has_no_header_length() -> None:
 )
 def test_routes_parse_as_triton_names_them(path: str, route: Route | None) -> None:
     assert parse_route(path) == route
+
+
+def test_uint64_json_values_of_2_to_the_63_and_above_keep_every_digit() -> None:
+    # numpy reads [2**63, 1] as float64; the decoder reads such a list again as integers.
+    got = from_json([2**63 + 1, 1, 2**64 - 1], "UINT64", [3], 3, "x")
+    assert got.dtype == np.uint64 and got.tolist() == [2**63 + 1, 1, 2**64 - 1]
+    for bad in ([2**64, 1], [-1, 2**63], [1.5, 2**63]):
+        with pytest.raises(BadRequest):
+            from_json(bad, "UINT64", [2], 2, "x")

@@ -112,6 +112,8 @@ def from_json(data: Any, datatype: Any, shape: list[int], elements: int, field: 
         raise BadRequest(f"{field} data is not a regular list of numbers: {exc}") from None
     if raw.size != elements:
         raise BadRequest(f"{field} data has {raw.size} elements; shape {shape} needs {elements}")
+    if dtype.kind == "u" and raw.dtype.kind == "f":
+        raw = _exact_integers(data, raw)
     return _fit(raw, dtype, datatype, field).reshape(shape)
 
 
@@ -132,6 +134,18 @@ def _fit(raw: np.ndarray, dtype: np.dtype[Any], datatype: str, field: str) -> np
             return raw.astype(dtype)
     except FloatingPointError:
         raise BadRequest(f"{field} data holds a value beyond the range of {datatype}") from None
+
+
+def _exact_integers(data: Any, raw: np.ndarray) -> np.ndarray:
+    """numpy reads a list that mixes integers of 2**63 and above with smaller ones as floats
+    (losing digits): read it again as the integers it holds, where it holds only integers."""
+    values = np.array(data, dtype=object).ravel()
+    if not all(type(v) is int for v in values):
+        return raw  # floats or booleans among them: judged as they are
+    try:
+        return np.array(values.tolist(), dtype=np.uint64)
+    except OverflowError:
+        return raw  # a negative or too large value: refused by the range check
 
 
 def kind_of(value: Any) -> str:
