@@ -27,7 +27,11 @@ from urllib.parse import urlsplit
 import msgpack
 import numpy as np
 
-from server.loadgen.wrk import run_wrk_blocking, wrk_path
+# This checkout first: run as `python scripts/bench_ab.py`, the script's own folder leads the
+# path, and there scripts/bench.py would stand in for the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.suite.wrk import run_wrk_blocking, wrk_path
 
 INPUTS = {"linear": 10, "mlp": 256}
 _LISTENING = re.compile(r"listening on (http://\S+)")

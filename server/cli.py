@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from server.commands import bench, compare, infer, loadtest, remote, serve
+from bench.commands import bench, compare, loadtest
+from server.commands import infer, remote, serve
 from server.config import ConfigError
 
 # Each module offers register(subparsers), which sets `run` on its parser.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.routing.comparison import (
+from bench.comparison import (
     Measurement,
     format_table,
     parse_sizes,

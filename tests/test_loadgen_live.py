@@ -19,14 +19,14 @@ from typing import Any
 import msgpack
 import pytest
 
+from bench.loadgen.fanout import run_on_loop
+from bench.loadgen.loadtest import run_loadtest
+from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
+from bench.loadgen.progress import ProgressBar
+from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
+from bench.loadgen.target import open_session, parse_target
+from bench.suite.servers import ServerProcess, echo_argv, start_server
 from server.cli import main
-from server.loadgen.fanout import run_on_loop
-from server.loadgen.loadtest import run_loadtest
-from server.loadgen.plan import CLOSED, OPEN, LoadPlan
-from server.loadgen.progress import ProgressBar
-from server.loadgen.schedule import closed_loop_phases, open_loop_phases
-from server.loadgen.servers import ServerProcess, echo_argv, start_server
-from server.loadgen.target import open_session, parse_target
 from tests.server_process import ServerProcess as MicrobatchProcess
 
 pytestmark = pytest.mark.timeout(120)

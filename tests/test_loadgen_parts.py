@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.loadgen.errors import LoadGenError
+from bench.loadgen.payload import build_body
+from bench.loadgen.target import parse_target, specs_of
+from bench.suite.runner import half_load_processes
+from bench.suite.summary import Measurement, bench_markdown, medians, ratios
+from bench.suite.wrk import LUA, parse_report
 from server.config import ConfigError
-from server.loadgen.bench import half_load_processes
-from server.loadgen.bench_summary import Measurement, bench_markdown, medians, ratios
-from server.loadgen.errors import LoadGenError
-from server.loadgen.payload import build_body
-from server.loadgen.target import parse_target, specs_of
-from server.loadgen.wrk import LUA, parse_report
 from server.models.spec import TensorSpec
 from server.protocol.codec import MSGPACK, Limits, decode_request
 

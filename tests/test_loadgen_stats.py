@@ -10,13 +10,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from server.loadgen.markdown import report_markdown
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.progress import render
-from server.loadgen.record import NO_ANSWER, RequestRecord, failed, from_answer
-from server.loadgen.report import build_report
-from server.loadgen.schedule import Phase
-from server.loadgen.stats import cdf_points, counts, latency_over_time, percentiles, schedule_lag
+from bench.loadgen.markdown import report_markdown
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.progress import render
+from bench.loadgen.record import NO_ANSWER, RequestRecord, failed, from_answer
+from bench.loadgen.report import build_report
+from bench.loadgen.schedule import Phase
+from bench.loadgen.stats import cdf_points, counts, latency_over_time, percentiles, schedule_lag
 
 
 def test_percentiles_of_known_numbers() -> None:

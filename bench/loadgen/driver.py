@@ -15,8 +15,8 @@ from typing import NamedTuple, Protocol
 
 import aiohttp
 
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.record import (
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.record import (
     CLIENT_TIMEOUT,
     CONNECTION_ERROR,
     NAN,
@@ -25,8 +25,8 @@ from server.loadgen.record import (
     failed,
     from_answer,
 )
-from server.loadgen.schedule import Schedule, phase_windows
-from server.loadgen.target import MSGPACK_HEADERS, Target, open_session, parse_target
+from bench.loadgen.schedule import Schedule, phase_windows
+from bench.loadgen.target import MSGPACK_HEADERS, Target, open_session, parse_target
 
 MIN_SLEEP_S = 0.001
 

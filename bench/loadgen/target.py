@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgpack
 
+from bench.loadgen.errors import LoadGenError
 from server.config import ConfigError
-from server.loadgen.errors import LoadGenError
 from server.models.spec import TensorSpec
 
 MSGPACK_HEADERS = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}

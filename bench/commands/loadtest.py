@@ -1,6 +1,6 @@
 """`microbatch loadtest`: parse the flags into a LoadPlan, run it, print and write the report.
 
-CLI process; the generator itself lives in server/loadgen (imported when the command runs).
+CLI process; the generator itself lives in bench/loadgen (imported when the command runs).
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
+from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
 from server.config import ConfigError
-from server.loadgen.plan import CLOSED, OPEN, LoadPlan
-from server.loadgen.schedule import closed_loop_phases, open_loop_phases
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,10 +94,10 @@ def plan_from_args(args: argparse.Namespace) -> LoadPlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.loadgen.errors import LoadGenError
-    from server.loadgen.loadtest import behind_warning, brief, run_loadtest, write_outputs
-    from server.loadgen.progress import ProgressBar, enabled_for
-    from server.loadgen.target import parse_target
+    from bench.loadgen.errors import LoadGenError
+    from bench.loadgen.loadtest import behind_warning, brief, run_loadtest, write_outputs
+    from bench.loadgen.progress import ProgressBar, enabled_for
+    from bench.loadgen.target import parse_target
 
     plan = plan_from_args(args)
     parse_target(plan.url)  # a bad --url is a flag error, reported before anything starts

@@ -1,7 +1,7 @@
 """`microbatch bench`: measure the model ceiling, the HTTP ceiling and the server (batching off
 and default) for each built-in model; write JSON and Markdown and print the tables.
 
-CLI process; the bench itself lives in server/loadgen/bench.py (imported when the command runs).
+CLI process; the bench itself lives in bench/suite/runner.py (imported when the command runs).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.loadgen.bench import bench_settings, run_bench
-    from server.loadgen.bench_summary import bench_markdown
-    from server.loadgen.errors import LoadGenError
-    from server.loadgen.wrk import wrk_path
+    from bench.loadgen.errors import LoadGenError
+    from bench.suite.runner import bench_settings, run_bench
+    from bench.suite.summary import bench_markdown
+    from bench.suite.wrk import wrk_path
 
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")

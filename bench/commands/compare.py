@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.comparison import Measurement, format_table, parse_sizes, summarize, to_json
 from server.config import ConfigError, Flags, ModelConfig, load_config
-from server.routing.comparison import Measurement, format_table, parse_sizes, summarize, to_json
 
 DEFAULT_SIZES = "1,2,4,...,1024"
 
