@@ -1,3 +1,3 @@
 """The tooling's `microbatch` subcommands (loadtest, bench, compare): one module each, with
-`register` and `run`, wired by server/cli.py.
+DESCRIPTION, `add_arguments` and `run`; server/cli.py loads one only when it is chosen.
 """

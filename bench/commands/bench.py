@@ -13,16 +13,15 @@ from pathlib import Path
 
 from server.config import BUILTIN_MODELS, ConfigError
 
+DESCRIPTION = (
+    "Start a bare echo server (the HTTP ceiling), the server with batching off "
+    "and the server with its default config, time the raw model loop (the model ceiling), "
+    "and measure saturation throughput, latency at half of saturation and lone-request "
+    "latency for each built-in model, in interleaved rounds; report medians and ratios."
+)
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmark the server against the model and HTTP ceilings",
-        description="Start a bare echo server (the HTTP ceiling), the server with batching off "
-        "and the server with its default config, time the raw model loop (the model ceiling), "
-        "and measure saturation throughput, latency at half of saturation and lone-request "
-        "latency for each built-in model, in interleaved rounds; report medians and ratios.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="short measurements (under 2 minutes)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument(

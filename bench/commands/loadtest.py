@@ -12,17 +12,16 @@ from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
 from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
 from server.config import ConfigError
 
+DESCRIPTION = (
+    "Send requests to a model on a running server, open loop (--rate or "
+    "--schedule: sends on a schedule, latency measured from each scheduled send time) or "
+    "closed loop (--concurrency clients), and report throughput, latency percentiles, "
+    "errors, batch sizes and devices. Inputs are random, of the model's shape, unless "
+    "--input is given."
+)
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "loadtest",
-        help="drive load at a server and report throughput and latency",
-        description="Send requests to a model on a running server, open loop (--rate or "
-        "--schedule: sends on a schedule, latency measured from each scheduled send time) or "
-        "closed loop (--concurrency clients), and report throughput, latency percentiles, "
-        "errors, batch sizes and devices. Inputs are random, of the model's shape, unless "
-        "--input is given.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="http://HOST:PORT or unix:///PATH")
     p.add_argument("--model", required=True, help="model name")
     load = p.add_mutually_exclusive_group(required=True)
