@@ -24,8 +24,9 @@ from bench.loadgen.loadtest import run_loadtest
 from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
 from bench.loadgen.progress import ProgressBar
 from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
-from bench.loadgen.target import open_session, parse_target
+from bench.loadgen.target import parse_target
 from bench.suite.servers import ServerProcess, echo_argv, start_server
+from client.transport import Transport
 from server.cli import main
 from tests.server_process import ServerProcess as MicrobatchProcess
 
@@ -43,14 +44,16 @@ def echo(*flags: str) -> Iterator[ServerProcess]:
 
 def answered_by(url: str) -> int:
     """How many infer requests the echo server says it answered."""
-    target = parse_target(url)
 
     async def get() -> int:
-        async with (
-            open_session(target, 1, 10.0) as session,
-            session.get(f"{target.base_url}/stats") as response,
-        ):
-            return int(msgpack.unpackb(await response.read())["answered"])
+        transport = Transport(1)
+        try:
+            reply = await transport.request(
+                parse_target(url), "GET", "/stats", headers={}, timeout_s=10.0
+            )
+        finally:
+            await transport.close()
+        return int(msgpack.unpackb(reply.body)["answered"])
 
     return run_on_loop(get)
 

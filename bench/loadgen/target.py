@@ -1,82 +1,61 @@
-"""Where the load goes: the URL (TCP or `unix:///path`), the HTTP client session for it, and the
-model's input specs read from GET /v1/models.
+"""Where the load goes: the URL (TCP or `unix:///path`) as the client's Address, the path of a
+model's infer endpoint, and the model's input specs read from GET /v1/models.
 
-Event loop of a generator process (or the CLI process before the run). aiohttp's client only.
+Event loop of a generator process (or the CLI process before the run). HTTP goes through the
+client's transport (client/transport.py), the one HTTP client of the project.
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-import msgpack
-
 from bench.loadgen.errors import LoadGenError
+from client.errors import InvalidResponse, TransportError
+from client.transport import Address, Transport
+from client.wire import ACCEPT_MSGPACK, decode_body
 from server.config import ConfigError
 from server.models.spec import TensorSpec
 
-MSGPACK_HEADERS = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+LISTING_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class Target:
-    base_url: str  # what goes before the path in each request
-    uds: str | None = None  # the Unix socket the connection goes to, if any
-
-    def infer_url(self, model: str) -> str:
-        return f"{self.base_url}/v1/models/{model}/infer"
-
-
-def parse_target(url: str) -> Target:
+def parse_target(url: str) -> Address:
     """`http://host:port` (a trailing slash allowed) or `unix:///path/to/socket`."""
     if url.startswith("unix://"):
-        path = url.removeprefix("unix://")
-        if not path.startswith("/"):
+        if not url.removeprefix("unix://").startswith("/"):
             raise ConfigError(f"--url unix:// needs an absolute socket path, got {url!r}")
-        return Target("http://localhost", path)
+        return Address.parse(url)
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.netloc:
         raise ConfigError(f"--url must be http://HOST:PORT or unix:///PATH, got {url!r}")
     if parts.path.strip("/") or parts.query:
         raise ConfigError(f"--url must have no path or query (the tool adds them), got {url!r}")
-    return Target(f"http://{parts.netloc}")
+    return Address.parse(url)
 
 
-def open_session(
-    target: Target, connections: int, client_timeout_s: float
-) -> aiohttp.ClientSession:
-    """One keep-alive session; at most `connections` sockets (further requests wait for one,
-    and that wait counts in their latency)."""
-    connector: aiohttp.BaseConnector
-    if target.uds:
-        connector = aiohttp.UnixConnector(path=target.uds, limit=connections)
-    else:
-        connector = aiohttp.TCPConnector(limit=connections, use_dns_cache=True)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=client_timeout_s),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-    )
+def infer_path(model: str) -> str:
+    return f"/v1/models/{model}/infer"
 
 
-async def fetch_input_specs(target: Target, model: str) -> tuple[TensorSpec, ...]:
+async def fetch_input_specs(target: Address, model: str) -> tuple[TensorSpec, ...]:
     """The model's inputs as the server lists them; LoadGenError if it is absent or unreachable."""
-    async with open_session(target, 1, 10.0) as session:
-        try:
-            async with session.get(
-                f"{target.base_url}/v1/models", headers=MSGPACK_HEADERS
-            ) as response:
-                body = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
-            raise LoadGenError(f"cannot reach {target.uds or target.base_url}: {exc}") from None
-    if status != 200:
-        raise LoadGenError(f"GET /v1/models answered {status}")
-    return specs_of(msgpack.unpackb(body, raw=False), model)
+    transport = Transport(max_connections=1)
+    try:
+        reply = await transport.request(
+            target, "GET", "/v1/models", headers=ACCEPT_MSGPACK, timeout_s=LISTING_TIMEOUT_S
+        )
+    except TransportError as exc:
+        raise LoadGenError(f"cannot reach {target.socket_path or target.base_url}: {exc}") from None
+    finally:
+        await transport.close()
+    if reply.status != 200:
+        raise LoadGenError(f"GET /v1/models answered {reply.status}")
+    try:
+        listing = decode_body(reply.body, reply.content_type, "GET /v1/models")
+    except InvalidResponse as exc:
+        raise LoadGenError(str(exc)) from None
+    return specs_of(listing, model)
 
 
 def specs_of(listing: Any, model: str) -> tuple[TensorSpec, ...]:
