@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 MISSING = {
     "bench": "the tooling (the bench package), which this installation leaves out; install "
     "microbatch from its source tree",
+    "rich": "the bench extra: pip install 'microbatch[bench]'",
 }
 
 

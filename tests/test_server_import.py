@@ -87,12 +87,25 @@ def test_every_command_has_its_own_help(name: str, capsys: pytest.CaptureFixture
     assert out.count("--") >= 2  # its own flags are listed, not only --help
 
 
-def test_a_tooling_command_without_the_tooling_says_what_is_missing() -> None:
-    # A None in sys.modules makes `import bench` fail as it does where bench is not installed
-    # (the server's container image leaves it out).
-    program = "import sys; sys.modules['bench'] = None\nfrom server.cli import main\n"
-    program += "sys.exit(main(['bench', '--quick']))"
+@pytest.mark.parametrize(
+    ("absent", "argv", "says"),
+    [
+        # The server's container image leaves the bench package out.
+        ("bench", ["bench", "--quick"], "microbatch bench: needs the tooling (the bench package)"),
+        # rich comes with the bench extra, which `pip install microbatch` leaves out.
+        ("rich", ["compare", "--model", "linear"], "microbatch compare: needs the bench extra"),
+        (
+            "rich",
+            ["loadtest", "--url", "http://127.0.0.1:9", "--model", "m", "--rate", "5"],
+            "microbatch loadtest: needs the bench extra: pip install 'microbatch[bench]'",
+        ),
+    ],
+)
+def test_a_tooling_command_says_what_to_install(absent: str, argv: list[str], says: str) -> None:
+    # A None in sys.modules makes the import fail as it does where the package is not installed.
+    program = f"import sys; sys.modules[{absent!r}] = None\nfrom server.cli import main\n"
+    program += f"sys.exit(main({argv!r}))"
     done = python(program)
-    assert done.returncode == 2
-    assert "microbatch bench: needs the tooling (the bench package)" in done.stderr
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
     assert "Traceback" not in done.stderr

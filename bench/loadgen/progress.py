@@ -1,22 +1,19 @@
-"""A one-line progress bar on stderr while a run goes: time gone, requests done, rate, failures.
+"""A progress bar on stderr while a run goes (rich's): time gone of the run's length, requests
+done, their rate and failures.
 
-`render` is pure; `ProgressBar` only writes, and writes nothing when disabled (stderr not a
-terminal, or --no-progress). Runs in the CLI process (its event loop or its main thread).
+Runs in the CLI process (its event loop or its main thread). It draws only when `update` is
+called (no refresh thread, which would count in the generator's own CPU), and nothing at all
+when disabled (stderr not a terminal, or --no-progress).
 """
 
 from __future__ import annotations
 
 from typing import TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-def render(elapsed_s: float, total_s: float, done: int, failed: int, width: int = 24) -> str:
-    fraction = min(1.0, max(0.0, elapsed_s / total_s)) if total_s > 0 else 1.0
-    filled = round(fraction * width)
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {min(elapsed_s, total_s):5.1f}/{total_s:.1f} s"
-        f"  {done:,} done  {rate:,.0f} req/s  {failed:,} failed"
-    )
+BAR_WIDTH = 24
 
 
 def enabled_for(stream: TextIO, disabled_by_flag: bool) -> bool:
@@ -26,16 +23,37 @@ def enabled_for(stream: TextIO, disabled_by_flag: bool) -> bool:
 class ProgressBar:
     def __init__(self, stream: TextIO, enabled: bool, total_s: float) -> None:
         self._stream, self._enabled, self._total_s = stream, enabled, total_s
-        self._shown = False
+        self._shown: tuple[Progress, TaskID] | None = None  # made at the first update
 
     def update(self, elapsed_s: float, done: int, failed: int) -> None:
-        if self._enabled:
-            self._stream.write("\r" + render(elapsed_s, self._total_s, done, failed))
-            self._stream.flush()
-            self._shown = True
+        if not self._enabled:
+            return
+        if self._shown is None:
+            self._shown = self._start()
+        progress, task = self._shown
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        completed = min(max(elapsed_s, 0.0), self._total_s)
+        progress.update(task, completed=completed, done=done, rate=rate, failed=failed)
+        progress.refresh()
 
     def close(self) -> None:
-        if self._shown:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._shown = False
+        if self._shown is not None:
+            self._shown[0].stop()  # leaves the last state drawn, and the cursor below it
+            self._shown = None
+
+    def _start(self) -> tuple[Progress, TaskID]:
+        progress = Progress(
+            BarColumn(bar_width=BAR_WIDTH),
+            TextColumn("{task.completed:5.1f}/{task.total:.1f} s"),
+            TextColumn(
+                "{task.fields[done]:,} done  {task.fields[rate]:,.0f} req/s  "
+                "{task.fields[failed]:,} failed"
+            ),
+            console=Console(file=self._stream),
+            auto_refresh=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        task = progress.add_task("run", total=self._total_s, done=0, rate=0.0, failed=0)
+        progress.start()
+        return progress, task
