@@ -1,5 +1,6 @@
 """HTTP exchanges over pooled aiohttp client sessions: TCP (http://host:port) or Unix sockets
-(unix:///path/to.sock); keep-alive connections are reused across calls.
+(unix:///path/to.sock); keep-alive connections are reused across calls. The project's one HTTP
+client: the load generator (bench/loadgen/driver.py) sends through it too.
 
 Runs on the event loop that first uses it (the session is made there, lazily). aiohttp is
 imported on first use (it costs more than the rest of the client to import) and only its client

@@ -6,13 +6,12 @@ order, so that a drift of the machine hits both alike); medians and the after/be
 
 Runs in the CLI process; each server is a subprocess started from its own checkout (its own
 code on the import path), saturated by wrk (64 keep-alive connections, one fixed msgpack body)
-and timed by lone requests over one keep-alive connection. Needs wrk.
+and timed by lone requests over one keep-alive connection (client/transport.py). Needs wrk.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import re
 import statistics
@@ -22,12 +21,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import msgpack
 import numpy as np
 
-from server.loadgen.wrk import run_wrk_blocking, wrk_path
+# This checkout first: run as `python scripts/bench_ab.py`, the script's own folder leads the
+# path, and there scripts/bench.py would stand in for the bench package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen.fanout import run_on_loop
+from bench.suite.wrk import run_wrk_blocking, wrk_path
+from client.transport import Address, Transport
+from client.wire import MSGPACK_HEADERS
 
 INPUTS = {"linear": 10, "mlp": 256}
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -72,20 +77,31 @@ def start(checkout: Path, model: str) -> tuple[subprocess.Popen[bytes], str, Pat
 
 
 def lone_p50_ms(url: str, model: str, body: bytes, count: int) -> float:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
-    headers = {"Content-Type": "application/msgpack"}
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        conn.request("POST", f"/v1/models/{model}/infer", body, headers)
-        response = conn.getresponse()
-        response.read()
-        times.append((time.perf_counter() - started) * 1000.0)
-        if response.status != 200:
-            raise SystemExit(f"lone request answered {response.status}")
-    conn.close()
-    return statistics.median(times)
+    """Median round trip of `count` requests one after another over one keep-alive connection,
+    sent by the client's transport (the HTTP client of the generator and of client/)."""
+
+    async def times_ms() -> list[float]:
+        transport, address = Transport(1), Address.parse(url)
+        times = []
+        try:
+            for _ in range(count):
+                started = time.perf_counter()
+                reply = await transport.request(
+                    address,
+                    "POST",
+                    f"/v1/models/{model}/infer",
+                    body=body,
+                    headers=MSGPACK_HEADERS,
+                    timeout_s=10.0,
+                )
+                times.append((time.perf_counter() - started) * 1000.0)
+                if reply.status != 200:
+                    raise SystemExit(f"lone request answered {reply.status}")
+        finally:
+            await transport.close()
+        return times
+
+    return statistics.median(run_on_loop(times_ms))
 
 
 def measure(label: str, checkout: Path, model: str, seconds: float) -> Cell:

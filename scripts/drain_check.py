@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.loadgen.drain_load import drain_under_load
-from server.loadgen.servers import MICROBATCH_READY, microbatch_argv, start_server
+from bench.loadgen.drain_load import drain_under_load
+from bench.suite.servers import MICROBATCH_READY, microbatch_argv, start_server
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """Import hygiene of the client: importing it (and using it up to a request) loads neither torch
-nor aiohttp's server parts. Checked in a fresh interpreter, where sys.modules starts empty.
+nor aiohttp's server parts (nor the tooling). Checked in a fresh interpreter, where sys.modules
+starts empty.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 PROGRAM = """
-import json, sys
+import importlib, json, pkgutil, sys
 import client
 from client import Client
 import server.commands.remote
+for module in pkgutil.walk_packages(client.__path__, "client."):
+    importlib.import_module(module.name)  # every module of the client, not only its front
 imported = sorted(sys.modules)
 with Client("unix:///nonexistent/microbatch.sock", retry=None, timeout_s=5) as mb:
     ready = mb.ready()  # a real attempt: aiohttp's client is loaded by now
@@ -32,6 +35,7 @@ def test_importing_and_using_the_client_loads_neither_torch_nor_aiohttp_web() ->
     assert report["ready"] is False
     for modules in (report["imported"], report["after_use"]):
         assert "torch" not in modules
+        assert not [m for m in modules if m.partition(".")[0] in ("bench", "rich", "matplotlib")]
         assert not [m for m in modules if m == "aiohttp.web" or m.startswith("aiohttp.web_")]
     # aiohttp costs more to import than the rest of the client: it loads on first use only.
     assert "aiohttp" not in report["imported"]

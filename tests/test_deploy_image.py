@@ -100,9 +100,11 @@ def test_the_build_context_holds_what_the_install_needs() -> None:
     sources = [s for v in values("COPY") for s in shlex.split(v)[:-1]]
     assert copied[0] == "constraints.txt"  # before any install
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'readme = "README.md"' in pyproject and 'include = ["server*", "client*"]' in pyproject
+    packages = 'include = ["server*", "client*", "bench*"]'
+    assert 'readme = "README.md"' in pyproject and packages in pyproject
     for needed in ("pyproject.toml", "README.md", "server/", "client/", "deploy/microbatch.toml"):
         assert needed in sources, needed
+    assert "bench/" not in sources  # the tooling stays out of the server's image
     patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
     for source in sources:  # .dockerignore excludes all, then lets these back in
         path = source.rstrip("/")

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from server.loadgen.drain_load import drain_under_load
+from bench.loadgen.drain_load import drain_under_load
 from tests import fault_models
 from tests.conftest import request, tensor
 from tests.probes import metric, wait_for

@@ -19,14 +19,15 @@ from typing import Any
 import msgpack
 import pytest
 
+from bench.loadgen.fanout import run_on_loop
+from bench.loadgen.loadtest import run_loadtest
+from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
+from bench.loadgen.progress import ProgressBar
+from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
+from bench.loadgen.target import parse_target
+from bench.suite.servers import ServerProcess, echo_argv, start_server
+from client.transport import Transport
 from server.cli import main
-from server.loadgen.fanout import run_on_loop
-from server.loadgen.loadtest import run_loadtest
-from server.loadgen.plan import CLOSED, OPEN, LoadPlan
-from server.loadgen.progress import ProgressBar
-from server.loadgen.schedule import closed_loop_phases, open_loop_phases
-from server.loadgen.servers import ServerProcess, echo_argv, start_server
-from server.loadgen.target import open_session, parse_target
 from tests.server_process import ServerProcess as MicrobatchProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,14 +44,16 @@ def echo(*flags: str) -> Iterator[ServerProcess]:
 
 def answered_by(url: str) -> int:
     """How many infer requests the echo server says it answered."""
-    target = parse_target(url)
 
     async def get() -> int:
-        async with (
-            open_session(target, 1, 10.0) as session,
-            session.get(f"{target.base_url}/stats") as response,
-        ):
-            return int(msgpack.unpackb(await response.read())["answered"])
+        transport = Transport(1)
+        try:
+            reply = await transport.request(
+                parse_target(url), "GET", "/stats", headers={}, timeout_s=10.0
+            )
+        finally:
+            await transport.close()
+        return int(msgpack.unpackb(reply.body)["answered"])
 
     return run_on_loop(get)
 

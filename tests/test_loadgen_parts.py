@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.loadgen.errors import LoadGenError
+from bench.loadgen.payload import build_body
+from bench.loadgen.target import infer_path, parse_target, specs_of
+from bench.suite.runner import half_load_processes
+from bench.suite.summary import Measurement, bench_markdown, medians, ratios
+from bench.suite.wrk import LUA, parse_report
 from server.config import ConfigError
-from server.loadgen.bench import half_load_processes
-from server.loadgen.bench_summary import Measurement, bench_markdown, medians, ratios
-from server.loadgen.errors import LoadGenError
-from server.loadgen.payload import build_body
-from server.loadgen.target import parse_target, specs_of
-from server.loadgen.wrk import LUA, parse_report
 from server.models.spec import TensorSpec
 from server.protocol.codec import MSGPACK, Limits, decode_request
 
@@ -37,9 +37,10 @@ Transfer/sec:      1.66MB
 
 def test_urls_for_tcp_and_unix_sockets() -> None:
     tcp = parse_target("http://127.0.0.1:8000/")
-    assert tcp.infer_url("mlp") == "http://127.0.0.1:8000/v1/models/mlp/infer" and not tcp.uds
+    assert tcp.base_url == "http://127.0.0.1:8000" and tcp.socket_path is None
+    assert tcp.base_url + infer_path("mlp") == "http://127.0.0.1:8000/v1/models/mlp/infer"
     uds = parse_target("unix:///tmp/mb.sock")
-    assert uds.uds == "/tmp/mb.sock" and uds.base_url == "http://localhost"
+    assert uds.socket_path == "/tmp/mb.sock" and uds.base_url == "http://localhost"
     for bad in ("127.0.0.1:8000", "https://x:1", "http://x:1/v1", "unix://rel.sock"):
         with pytest.raises(ConfigError, match="--url"):
             parse_target(bad)

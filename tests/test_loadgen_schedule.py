@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.config import ConfigError
-from server.loadgen.fanout import split_clients
-from server.loadgen.schedule import (
+from bench.loadgen.fanout import split_clients
+from bench.loadgen.schedule import (
     Phase,
     build_schedule,
     closed_loop_phases,
@@ -16,6 +15,7 @@ from server.loadgen.schedule import (
     phase_windows,
     split_schedule,
 )
+from server.config import ConfigError
 
 
 def test_constant_arrivals_are_evenly_spaced_from_zero() -> None:

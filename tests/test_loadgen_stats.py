@@ -3,6 +3,7 @@ and a report built from hand-made records."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -10,13 +11,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from server.loadgen.markdown import report_markdown
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.progress import render
-from server.loadgen.record import NO_ANSWER, RequestRecord, failed, from_answer
-from server.loadgen.report import build_report
-from server.loadgen.schedule import Phase
-from server.loadgen.stats import cdf_points, counts, latency_over_time, percentiles, schedule_lag
+from bench.loadgen.markdown import report_markdown
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.progress import ProgressBar, enabled_for
+from bench.loadgen.record import NO_ANSWER, RequestRecord, failed, from_answer
+from bench.loadgen.report import build_report
+from bench.loadgen.schedule import Phase
+from bench.loadgen.stats import cdf_points, counts, latency_over_time, percentiles, schedule_lag
 
 
 def test_percentiles_of_known_numbers() -> None:
@@ -139,7 +140,30 @@ def test_the_markdown_summary_holds_the_tables_and_warns_when_behind() -> None:
     assert "kept its core 95% busy" in busy and "fell behind" not in busy
 
 
-def test_the_progress_bar_line() -> None:
-    line = render(5.0, 10.0, 1500, 3, width=10)
-    assert line.startswith("[#####.....]") and "1,500 done" in line and "300 req/s" in line
-    assert render(20.0, 10.0, 0, 0, width=4).startswith("[####]")
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_draws_each_update_on_a_terminal() -> None:
+    stream = Terminal()
+    bar = ProgressBar(stream, enabled_for(stream, False), 10.0)
+    bar.update(5.0, 1500, 3)
+    drawn = stream.getvalue()  # at once, with no refresh thread to wait for
+    assert "5.0/10.0 s" in drawn and "1,500 done" in drawn and "300 req/s" in drawn
+    assert "3 failed" in drawn
+    bar.update(20.0, 3000, 3)  # past the end: the bar stops full
+    bar.close()
+    last = stream.getvalue().rpartition("\r")[2]
+    assert "10.0/10.0 s" in last and "3,000 done" in last
+    assert "3 failed\n" in last  # closed: what follows goes on a line of its own
+
+
+def test_the_progress_bar_stays_quiet_when_disabled_or_never_updated() -> None:
+    stream = Terminal()
+    assert not enabled_for(stream, True) and not enabled_for(io.StringIO(), False)
+    quiet = ProgressBar(stream, False, 10.0)
+    quiet.update(5.0, 1500, 3)
+    quiet.close()
+    ProgressBar(stream, True, 10.0).close()  # a run that failed before it started
+    assert stream.getvalue() == ""

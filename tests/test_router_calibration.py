@@ -105,7 +105,7 @@ def test_a_bad_cache_reads_as_empty(tmp_path: Path, text: str) -> None:
 def test_the_server_side_of_routing_imports_no_torch() -> None:
     code = (
         "import sys, server.lifecycle, server.routing.devices, server.executors.cuda, "
-        "server.commands.compare; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
+        "bench.commands.compare; print(sorted({'torch', 'matplotlib'} & set(sys.modules)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO

@@ -11,14 +11,13 @@ import os
 from server.commands import remote
 from server.config import Flags, load_config
 
+DESCRIPTION = (
+    "Run a built-in (or configured) model in-process on the samples of a .npy "
+    "file and print the device, the prediction and the inference time."
+)
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "infer",
-        help="run a model once in this process on a .npy file",
-        description="Run a built-in (or configured) model in-process on the samples of a .npy "
-        "file and print the device, the prediction and the inference time.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help=".npy file: one sample or a batch")
     p.add_argument("--model", default="linear", help="model name (default linear)")
     p.add_argument(

@@ -19,13 +19,13 @@ from server.infer_local import format_prediction
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list the models a running server serves",
-        description="Print the models a running server serves, with their input and output "
-        "specs and batching settings.",
-    )
+DESCRIPTION = (
+    "Print the models a running server serves, with their input and output "
+    "specs and batching settings."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_url_flags(p, default=DEFAULT_URL)
     p.set_defaults(run=run_models)
 

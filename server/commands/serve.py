@@ -17,14 +17,14 @@ from server.config import Flags, load_config
 log = logging.getLogger("microbatch")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the batching inference server",
-        description="Run the server. With no arguments it serves the built-in models linear and "
-        "mlp on http://127.0.0.1:8000. Settings come from defaults < --config TOML < "
-        "MICROBATCH_* variables < these flags (see docs/configuration.md).",
-    )
+DESCRIPTION = (
+    "Run the server. With no arguments it serves the built-in models linear and "
+    "mlp on http://127.0.0.1:8000. Settings come from defaults < --config TOML < "
+    "MICROBATCH_* variables < these flags (see docs/configuration.md)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (see configs/default.toml)")
     p.add_argument(
         "--model",

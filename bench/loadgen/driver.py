@@ -1,9 +1,10 @@
 """Sends the requests of one generator process and records each one: an open loop that fires on
 its schedule whatever the server does, or a closed loop of clients that each wait for an answer.
 
-Event loop of a generator process (uvloop). Every loop ends: the open loop after its last
-send, the clients at the run's end, the stragglers after a bounded drain (then cancelled and
-recorded as unfinished).
+Event loop of a generator process (uvloop). Requests go through the client's transport
+(client/transport.py) without its retries: each request is sent once and recorded as it went.
+Every loop ends: the open loop after its last send, the clients at the run's end, the
+stragglers after a bounded drain (then cancelled and recorded as unfinished).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-import aiohttp
-
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.record import (
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.record import (
     CLIENT_TIMEOUT,
     CONNECTION_ERROR,
     NAN,
@@ -25,8 +24,11 @@ from server.loadgen.record import (
     failed,
     from_answer,
 )
-from server.loadgen.schedule import Schedule, phase_windows
-from server.loadgen.target import MSGPACK_HEADERS, Target, open_session, parse_target
+from bench.loadgen.schedule import Schedule, phase_windows
+from bench.loadgen.target import infer_path, parse_target
+from client.errors import Timeout, TransportError
+from client.transport import Address, Transport
+from client.wire import MSGPACK_HEADERS
 
 MIN_SLEEP_S = 0.001
 
@@ -42,14 +44,17 @@ class Sender:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
+        transport: Transport,
+        address: Address,
+        path: str,
         body: bytes,
+        timeout_s: float,
         start_at: float,
         tally: Tally,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session, self._url, self._body = session, url, body
+        self._transport, self._address, self._path = transport, address, path
+        self._body, self._timeout_s = body, timeout_s
         self._start_at, self._tally, self._clock = start_at, tally, clock
         self.records: list[RequestRecord] = []
 
@@ -65,17 +70,21 @@ class Sender:
     async def send(self, phase: int, scheduled_s: float, dispatched_s: float) -> None:
         sent_s = self.now_s()
         try:
-            async with self._session.post(
-                self._url, data=self._body, headers=MSGPACK_HEADERS
-            ) as response:
-                body = await response.read()
+            reply = await self._transport.request(
+                self._address,
+                "POST",
+                self._path,
+                body=self._body,
+                headers=MSGPACK_HEADERS,
+                timeout_s=self._timeout_s,
+            )
             done_s = self.now_s()
             record = from_answer(
-                phase, scheduled_s, dispatched_s, sent_s, done_s, response.status, body
+                phase, scheduled_s, dispatched_s, sent_s, done_s, reply.status, reply.body
             )
-        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+        except Timeout:
             record = failed(phase, scheduled_s, dispatched_s, sent_s, self.now_s(), CLIENT_TIMEOUT)
-        except (aiohttp.ClientError, OSError):
+        except (TransportError, OSError):
             record = failed(
                 phase, scheduled_s, dispatched_s, sent_s, self.now_s(), CONNECTION_ERROR
             )
@@ -179,7 +188,7 @@ async def run_part(
     tally: Tally,
 ) -> PartResult:
     """One process's share of the run: its slice of the schedule, or its clients."""
-    target: Target = parse_target(plan.url)
+    target = parse_target(plan.url)
     drain_s = plan.client_timeout_s + 1.0
     loop = asyncio.get_running_loop()
     marks: list[tuple[float, float]] = []  # (monotonic, process CPU) at the start and the end
@@ -187,8 +196,19 @@ async def run_part(
     def mark() -> None:
         marks.append((time.monotonic(), time.process_time()))
 
-    async with open_session(target, plan.connections, plan.client_timeout_s) as session:
-        sender = Sender(session, target.infer_url(plan.model), body, start_at, tally)
+    # At most `connections` sockets: further requests wait for one, and that wait counts in
+    # their latency.
+    transport = Transport(plan.connections)
+    try:
+        sender = Sender(
+            transport,
+            target,
+            infer_path(plan.model),
+            body,
+            plan.client_timeout_s,
+            start_at,
+            tally,
+        )
         loop.call_later(max(0.0, -sender.now_s()), mark)
         end_timer = loop.call_later(max(0.0, plan.total_s - sender.now_s()), mark)
         if plan.mode == OPEN:
@@ -197,6 +217,8 @@ async def run_part(
         else:
             await run_closed(sender, plan, clients, drain_s)
         end_timer.cancel()
+    finally:
+        await transport.close()
     while len(marks) < 2:
         mark()
     (wall_0, cpu_0), (wall_1, cpu_1) = marks[0], marks[-1]

@@ -4,7 +4,7 @@ configured by default, for each built-in model:
 saturation throughput, latency at half of saturation, lone-request latency, in interleaved
 rounds (the machine is noisy: medians, not single runs).
 
-CLI process: starts the servers as subprocesses, drives them; bench_summary.py does the sums.
+CLI process: starts the servers as subprocesses, drives them; summary.py does the sums.
 """
 
 from __future__ import annotations
@@ -16,8 +16,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.config import WorkersConfig
-from server.loadgen.bench_summary import (
+from bench.loadgen.errors import LoadGenError
+from bench.loadgen.loadtest import run_loadtest
+from bench.loadgen.payload import build_body
+from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
+from bench.loadgen.progress import ProgressBar
+from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
+from bench.suite.machine import machine_meta
+from bench.suite.model_loop import measure_models
+from bench.suite.servers import (
+    MICROBATCH_READY,
+    ServerProcess,
+    clean_env,
+    echo_argv,
+    microbatch_argv,
+    spawn,
+    wait_listening,
+)
+from bench.suite.summary import (
     APP_ECHO,
     CONFIGS,
     DEFAULT,
@@ -28,24 +44,8 @@ from server.loadgen.bench_summary import (
     medians,
     ratios,
 )
-from server.loadgen.errors import LoadGenError
-from server.loadgen.loadtest import run_loadtest
-from server.loadgen.machine import machine_meta
-from server.loadgen.model_loop import measure_models
-from server.loadgen.payload import build_body
-from server.loadgen.plan import CLOSED, OPEN, LoadPlan
-from server.loadgen.progress import ProgressBar
-from server.loadgen.schedule import closed_loop_phases, open_loop_phases
-from server.loadgen.servers import (
-    MICROBATCH_READY,
-    ServerProcess,
-    clean_env,
-    echo_argv,
-    microbatch_argv,
-    spawn,
-    wait_listening,
-)
-from server.loadgen.wrk import run_wrk_blocking, wrk_path
+from bench.suite.wrk import run_wrk_blocking, wrk_path
+from server.config import WorkersConfig
 from server.models.builtin import LAYERS, builtin_input_spec
 
 Log = Callable[[str], None]

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from server.loadgen.wrk import wrk_path, wrk_version
+from bench.suite.wrk import wrk_path, wrk_version
 
 PACKAGES = ("microbatch", "torch", "numpy", "aiohttp", "uvloop", "msgpack")
 

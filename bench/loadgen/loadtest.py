@@ -14,15 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from server.loadgen.fanout import run_load_blocking, run_on_loop
-from server.loadgen.markdown import LATENCY_KEYS, generator_warning, number, report_markdown
-from server.loadgen.payload import build_body
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.progress import ProgressBar
-from server.loadgen.record import RequestRecord
-from server.loadgen.report import build_report
-from server.loadgen.schedule import build_schedule
-from server.loadgen.target import fetch_input_specs, parse_target
+from bench.loadgen.fanout import run_load_blocking, run_on_loop
+from bench.loadgen.markdown import LATENCY_KEYS, generator_warning, number, report_markdown
+from bench.loadgen.payload import build_body
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.progress import ProgressBar
+from bench.loadgen.record import RequestRecord
+from bench.loadgen.report import build_report
+from bench.loadgen.schedule import build_schedule
+from bench.loadgen.target import fetch_input_specs, parse_target
 
 
 def run_loadtest(plan: LoadPlan, bar: ProgressBar) -> tuple[dict[str, Any], list[RequestRecord]]:
@@ -66,7 +66,7 @@ def write_outputs(
             writer.writerows([*r, f"{r.latency_ms:.3f}"] for r in records)
         written.append(path)
     if plot_dir:
-        from server.loadgen.plot import write_charts
+        from bench.loadgen.plot import write_charts
 
         written += write_charts(report, Path(plot_dir))
     return written

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from server.loadgen.plan import OPEN, LoadPlan
-from server.loadgen.record import NO_ANSWER, RequestRecord
-from server.loadgen.schedule import phase_windows
-from server.loadgen.stats import (
+from bench.loadgen.plan import OPEN, LoadPlan
+from bench.loadgen.record import NO_ANSWER, RequestRecord
+from bench.loadgen.schedule import phase_windows
+from bench.loadgen.stats import (
     cdf_points,
     counts,
     latency_over_time,

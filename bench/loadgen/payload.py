@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from server.loadgen.errors import LoadGenError
+from bench.loadgen.errors import LoadGenError
 from server.models.spec import TensorSpec
 from server.protocol.codec import MSGPACK, encode, encode_tensor
 

@@ -14,14 +14,16 @@ import queue
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from server.loadgen.driver import PartResult, run_part
-from server.loadgen.errors import LoadGenError
-from server.loadgen.plan import LoadPlan
-from server.loadgen.progress import ProgressBar
-from server.loadgen.record import RequestRecord
-from server.loadgen.schedule import Schedule, split_schedule
+from bench.loadgen.driver import PartResult, run_part
+from bench.loadgen.errors import LoadGenError
+from bench.loadgen.plan import LoadPlan
+from bench.loadgen.record import RequestRecord
+from bench.loadgen.schedule import Schedule, split_schedule
+
+if TYPE_CHECKING:  # the spawned generator processes draw no bar: they need not import rich
+    from bench.loadgen.progress import ProgressBar
 
 T = TypeVar("T")
 START_LEAD_S = 0.1  # between "go" and the first send, so that every process is waiting

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.loadgen.schedule import Phase
+from bench.loadgen.schedule import Phase
 
 OPEN = "open"
 CLOSED = "closed"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.loadgen.markdown import number, table
+from bench.loadgen.markdown import number, table
 
 ECHO, APP_ECHO, UNBATCHED, DEFAULT = "echo", "app_echo", "unbatched", "default"
 CONFIGS: tuple[str, ...] = (ECHO, APP_ECHO, UNBATCHED, DEFAULT)

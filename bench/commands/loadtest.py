@@ -1,6 +1,6 @@
 """`microbatch loadtest`: parse the flags into a LoadPlan, run it, print and write the report.
 
-CLI process; the generator itself lives in server/loadgen (imported when the command runs).
+CLI process; the generator itself lives in bench/loadgen (imported when the command runs).
 """
 
 from __future__ import annotations
@@ -8,21 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
+from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
 from server.config import ConfigError
-from server.loadgen.plan import CLOSED, OPEN, LoadPlan
-from server.loadgen.schedule import closed_loop_phases, open_loop_phases
+
+DESCRIPTION = (
+    "Send requests to a model on a running server, open loop (--rate or "
+    "--schedule: sends on a schedule, latency measured from each scheduled send time) or "
+    "closed loop (--concurrency clients), and report throughput, latency percentiles, "
+    "errors, batch sizes and devices. Inputs are random, of the model's shape, unless "
+    "--input is given."
+)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "loadtest",
-        help="drive load at a server and report throughput and latency",
-        description="Send requests to a model on a running server, open loop (--rate or "
-        "--schedule: sends on a schedule, latency measured from each scheduled send time) or "
-        "closed loop (--concurrency clients), and report throughput, latency percentiles, "
-        "errors, batch sizes and devices. Inputs are random, of the model's shape, unless "
-        "--input is given.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="http://HOST:PORT or unix:///PATH")
     p.add_argument("--model", required=True, help="model name")
     load = p.add_mutually_exclusive_group(required=True)
@@ -94,10 +93,10 @@ def plan_from_args(args: argparse.Namespace) -> LoadPlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.loadgen.errors import LoadGenError
-    from server.loadgen.loadtest import behind_warning, brief, run_loadtest, write_outputs
-    from server.loadgen.progress import ProgressBar, enabled_for
-    from server.loadgen.target import parse_target
+    from bench.loadgen.errors import LoadGenError
+    from bench.loadgen.loadtest import behind_warning, brief, run_loadtest, write_outputs
+    from bench.loadgen.progress import ProgressBar, enabled_for
+    from bench.loadgen.target import parse_target
 
     plan = plan_from_args(args)
     parse_target(plan.url)  # a bad --url is a flag error, reported before anything starts

@@ -4,7 +4,7 @@ low-level server, as microbatch does (server/http/app.py), so that the ceiling i
 microbatch itself runs on; `--app` serves the same through aiohttp's Application and router,
 the usual way to write an aiohttp server (about a third slower per request). --delay-ms holds each
 request that long and --slots limits how many are held at once (a server of known latency and
-capacity). `python -m server.loadgen.echo_server --port 0`; logs "listening on URL" when up.
+capacity). `python -m bench.suite.echo_server --port 0`; logs "listening on URL" when up.
 
 Its own process, one event loop; imports no torch. GET /stats counts the answers given.
 """
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.delay_ms < 0 or args.slots < 0:
         parser.error("--delay-ms and --slots must be >= 0")
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.loadgen.fanout import run_on_loop
+    from bench.loadgen.fanout import run_on_loop
 
     return run_on_loop(lambda: serve(args))
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.loadgen.errors import LoadGenError
+from bench.loadgen.errors import LoadGenError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 _LISTENING = re.compile(r"listening on (http://\S+|unix://\S+)")
@@ -60,7 +60,7 @@ def microbatch_argv(*flags: str) -> list[str]:
 
 
 def echo_argv(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "server.loadgen.echo_server", "--port", "0", *flags]
+    return [sys.executable, "-m", "bench.suite.echo_server", "--port", "0", *flags]
 
 
 def clean_env(env: Mapping[str, str]) -> dict[str, str]:

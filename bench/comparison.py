@@ -1,16 +1,23 @@
 """What `microbatch compare` concludes from its measurements: the winner per batch size, the
 crossover batch size and a one-line recommendation; and the table and JSON that show them.
 
-Pure: plain numbers in, plain data and text out; no torch, no I/O.
+Pure: plain numbers in, plain data and text out (the table rendered by rich into a string);
+no torch, no I/O.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 CPU = "cpu"
+TABLE_WIDTH = 1000  # as wide as the columns need: the lines never wrap
 
 
 @dataclass(frozen=True)
@@ -100,22 +107,28 @@ def _recommend(rows: Sequence[Row], gpus: Sequence[str], cross: int | None) -> s
 
 
 def format_table(summary: Summary) -> list[str]:
-    """Per batch size: latency (median, and the p25-p75 spread) and throughput per device."""
-    head = f"{'batch':>6}"
+    """Per batch size: latency (median, and the p25-p75 spread) and throughput per device, as
+    the lines of a terminal table (rich's, rendered to text here)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("batch", justify="right")
     for device in summary.devices:
-        head += f" | {device + ' ms':>10} {'p25-p75':>15} {'samples/s':>11}"
-    lines = [head + " | winner", "-" * (len(head) + 9)]
+        table.add_column(f"{device} ms", justify="right")
+        table.add_column("p25-p75", justify="right")
+        table.add_column("samples/s", justify="right")
+    table.add_column("winner")
     for row in summary.rows:
-        line = f"{row.samples:>6}"
+        cells = [str(row.samples)]
         for device in summary.devices:
             m = row.by_device.get(device)
             if m is None:
-                line += f" | {'-':>10} {'':>15} {'':>11}"
-                continue
-            spread = f"{m.p25_s * 1e3:.3f}-{m.p75_s * 1e3:.3f}"
-            line += f" | {m.median_s * 1e3:>10.3f} {spread:>15} {m.samples_per_s:>11.0f}"
-        lines.append(f"{line} | {row.winner}")
-    return lines
+                cells += ["-", "", ""]
+            else:
+                spread = f"{m.p25_s * 1e3:.3f}-{m.p75_s * 1e3:.3f}"
+                cells += [f"{m.median_s * 1e3:.3f}", spread, f"{m.samples_per_s:.0f}"]
+        table.add_row(*cells, row.winner)
+    text = io.StringIO()
+    Console(file=text, width=TABLE_WIDTH, color_system=None, highlight=False).print(table)
+    return [line.rstrip() for line in text.getvalue().splitlines()]
 
 
 def to_json(summary: Summary, context: dict[str, Any]) -> dict[str, Any]:

@@ -18,20 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from bench.comparison import Measurement, format_table, parse_sizes, summarize, to_json
 from server.config import ConfigError, Flags, ModelConfig, load_config
-from server.routing.comparison import Measurement, format_table, parse_sizes, summarize, to_json
 
 DEFAULT_SIZES = "1,2,4,...,1024"
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="time a model on the CPU and each GPU over batch sizes; find the crossover",
-        description="Measure a model's batch latency and throughput on the CPU and on every "
-        "visible GPU, over a range of batch sizes (warm-up, repeats, median and p25-p75), "
-        "and print which device wins at each size and where the GPUs start to win.",
-    )
+DESCRIPTION = (
+    "Measure a model's batch latency and throughput on the CPU and on every "
+    "visible GPU, over a range of batch sizes (warm-up, repeats, median and p25-p75), "
+    "and print which device wins at each size and where the GPUs start to win."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mlp", help="model name (default mlp)")
     p.add_argument("--config", help="TOML config that names the model, for user models")
     p.add_argument("--input", help=".npy file whose samples fill the batches (default random)")

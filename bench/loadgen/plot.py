@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.loadgen.errors import LoadGenError
+from bench.loadgen.errors import LoadGenError
 
 CHARTS = ("load.png", "latency_cdf.png", "batch_sizes.png", "latency_over_time.png")
 

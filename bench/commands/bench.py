@@ -1,7 +1,7 @@
 """`microbatch bench`: measure the model ceiling, the HTTP ceiling and the server (batching off
 and default) for each built-in model; write JSON and Markdown and print the tables.
 
-CLI process; the bench itself lives in server/loadgen/bench.py (imported when the command runs).
+CLI process; the bench itself lives in bench/suite/runner.py (imported when the command runs).
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from pathlib import Path
 
 from server.config import BUILTIN_MODELS, ConfigError
 
+DESCRIPTION = (
+    "Start a bare echo server (the HTTP ceiling), the server with batching off "
+    "and the server with its default config, time the raw model loop (the model ceiling), "
+    "and measure saturation throughput, latency at half of saturation and lone-request "
+    "latency for each built-in model, in interleaved rounds; report medians and ratios."
+)
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmark the server against the model and HTTP ceilings",
-        description="Start a bare echo server (the HTTP ceiling), the server with batching off "
-        "and the server with its default config, time the raw model loop (the model ceiling), "
-        "and measure saturation throughput, latency at half of saturation and lone-request "
-        "latency for each built-in model, in interleaved rounds; report medians and ratios.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="short measurements (under 2 minutes)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument(
@@ -43,10 +42,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.loadgen.bench import bench_settings, run_bench
-    from server.loadgen.bench_summary import bench_markdown
-    from server.loadgen.errors import LoadGenError
-    from server.loadgen.wrk import wrk_path
+    from bench.loadgen.errors import LoadGenError
+    from bench.suite.runner import bench_settings, run_bench
+    from bench.suite.summary import bench_markdown
+    from bench.suite.wrk import wrk_path
 
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
