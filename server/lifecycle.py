@@ -11,9 +11,11 @@ every model that could be, the others listed as missing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Mapping
 
 from server.batching.queue import BatchQueue
 from server.clock import MonotonicClock
@@ -27,70 +29,82 @@ from server.http.state import Endpoint, Phase, ServerState
 from server.metrics import Metrics
 from server.protocol.codec import Limits
 from server.routing.devices import Devices
-from server.startup_policy import start_failure
 
 log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; the process exit code (0 after a clean drain)."""
-    loop = asyncio.get_running_loop()
     settings = config.server
-    state = ServerState(
-        config,
-        MonotonicClock(),
-        Metrics(),
-        Limits(
-            max_elements=settings.max_elements,
-            max_json_bytes=min(settings.max_json_body_bytes, settings.max_body_bytes),
-            max_dims=settings.max_dims,
-            max_depth=settings.max_msgpack_depth,
-            max_items=settings.max_msgpack_items,
-            max_str_bytes=settings.max_msgpack_str_bytes,
-        ),
-    )
+    state = _new_state(config)
     devices = state.devices = Devices(config, state.clock)
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     server = create_server(state, access_log=access_log)
-    try:
-        listener = await Listener.open(server, settings)
-    except OSError as exc:  # address in use, a stale path, no permission: say so and stop
-        log.error("cannot listen: %s", exc)
-        return 1
-    _warn_if_exposed(listener, config)
-    for url in listener.urls():
-        log.info("listening on %s", url)
-    state.metrics.registry.register(ConnectionMetrics(server))
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    cores = os.cpu_count() or 1
-    pool = CpuPool(
-        config.models,
-        config.workers.resolved_cpu_workers(cores),
-        config.workers.resolved_threads(cores),
-        state.metrics,
-        calibrate=await devices.prepare(config.workers.resolved_threads(cores)),
-    )
-    state.pool = pool
-    if not await _start_pool(state, pool, stop, devices):
-        await stop_serving(server, listener)
-        await devices.stop()
-        await pool.stop()
-        return 0 if stop.is_set() and state.phase is not Phase.FAILED else 1
-    _register_gauges(state, pool)
-    devices.register_gauges(state.metrics)
-    devices.watch_batches(state.metrics)
-    state.phase = Phase.READY
-    log.info("ready: serving %s", ", ".join(state.endpoints))
-
-    await stop.wait()
-    await drain(state, server, listener)
-    await devices.stop()
-    await pool.stop()
+    async with contextlib.AsyncExitStack() as cleanup:
+        # Undone in reverse on every way out: the connections and the listener (a no-op after
+        # the drain), then the GPUs and the probe, then the CPU workers.
+        cleanup.push_async_callback(_stop_pool, state)
+        cleanup.push_async_callback(devices.stop)
+        try:
+            listener = await Listener.open(server, settings)
+        except OSError as exc:  # address in use, a stale path, no permission: say so and stop
+            log.error("cannot listen: %s", exc)
+            return 1
+        cleanup.push_async_callback(stop_serving, server, listener)
+        _warn_if_exposed(listener, config)
+        for url in listener.urls():
+            log.info("listening on %s", url)
+        state.metrics.registry.register(ConnectionMetrics(server))
+        stop = _stop_signal()
+        pool = state.pool = await _new_pool(state, devices)
+        if not await _start_pool(state, pool, stop, devices):
+            return 0 if stop.is_set() and state.phase is not Phase.FAILED else 1
+        _register_gauges(state, pool)
+        devices.register_gauges(state.metrics)
+        devices.watch_batches(state.metrics)
+        state.phase = Phase.READY
+        log.info("ready: serving %s", ", ".join(state.endpoints))
+        await stop.wait()
+        await drain(state, server, listener)
     log.info("stopped")
     return 0
+
+
+def _new_state(config: Config) -> ServerState:
+    settings = config.server
+    limits = Limits(
+        max_elements=settings.max_elements,
+        max_json_bytes=min(settings.max_json_body_bytes, settings.max_body_bytes),
+        max_dims=settings.max_dims,
+        max_depth=settings.max_msgpack_depth,
+        max_items=settings.max_msgpack_items,
+        max_str_bytes=settings.max_msgpack_str_bytes,
+    )
+    return ServerState(config, MonotonicClock(), Metrics(), limits)
+
+
+def _stop_signal() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _new_pool(state: ServerState, devices: Devices) -> CpuPool:
+    workers, cores = state.config.workers, os.cpu_count() or 1
+    return CpuPool(
+        state.config.models,
+        workers.resolved_cpu_workers(cores),
+        workers.resolved_threads(cores),
+        state.metrics,
+        calibrate=await devices.prepare(workers.resolved_threads(cores)),
+    )
+
+
+async def _stop_pool(state: ServerState) -> None:
+    if state.pool is not None:
+        await state.pool.stop()
 
 
 def _warn_if_exposed(listener: Listener, config: Config) -> None:
@@ -165,4 +179,17 @@ def _register_gauges(state: ServerState, pool: CpuPool) -> None:
         "Live workers, by device.",
         "device",
         lambda: {pool.device: float(pool.live_workers())},
+    )
+
+
+def start_failure(missing: Mapping[str, str], on_model_failure: str) -> str | None:
+    """What start-up does when some models failed to load or warm up: None to go on (nothing
+    missing, or server.on_model_failure = serve_others); else why start-up stops."""
+    if not missing or on_model_failure == "serve_others":
+        return None
+    names = ", ".join(sorted(missing))
+    reasons = "; ".join(missing[name] for name in sorted(missing))
+    return (
+        f"model(s) {names} failed to load: {reasons} "
+        '(server.on_model_failure = "serve_others" serves the other models)'
     )

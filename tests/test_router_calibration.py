@@ -25,8 +25,8 @@ from server.config import (
 )
 from server.executors.base import Batch, DoneCallback
 from server.executors.cuda import CudaStartError
-from server.executors.model_info import ModelInfo
 from server.metrics import Metrics
+from server.models.info import ModelInfo
 from server.models.spec import TensorSpec
 from server.routing import calibration as cal
 from server.routing.cost import CostFit

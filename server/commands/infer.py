@@ -1,15 +1,30 @@
-"""`microbatch infer`: run a model in this process on a .npy file (the classic CPU/GPU demo).
+"""`microbatch infer`: run one model in this process on a .npy file, the classic CPU/GPU demo
+(or, with --url, through a running server: remote.py).
 
-Main process; imports torch only when it runs.
+Runs in the CLI process; torch is imported only when it runs in-process. A bad --input
+(missing, unreadable, or not shaped for the model) or a model that fails to load is a
+ConfigError, which the CLI prints as one `microbatch: ...` line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from server.commands import remote
-from server.config import Flags, load_config
+from server.commands.remote import format_prediction
+from server.config import Config, ConfigError, Flags, ModelConfig, load_config
+from server.errors import BadRequest
+from server.models.matching import match_inputs
+
+if TYPE_CHECKING:
+    from server.models.loading import LoadedModel
 
 DESCRIPTION = (
     "Run a built-in (or configured) model in-process on the samples of a .npy "
@@ -34,7 +49,120 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.url:
         return remote.run_infer(args)
-    from server.infer_local import run_infer
-
     config = load_config(args.config, os.environ, Flags())
-    return run_infer(config, args.model, args.input, args.device, print)
+    return run_in_process(config, args.model, args.input, args.device, print)
+
+
+def pick_device(requested: str, warn: Callable[[str], None]) -> str:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "gpu" and not has_cuda:
+        warn("Warning: --device gpu asked for, but no CUDA GPU is available; running on the CPU.")
+        return "cpu"
+    if requested in ("gpu", "auto") and has_cuda:
+        return "cuda"
+    return "cpu"
+
+
+def run_in_process(
+    config: Config, model_name: str, input_path: str, device: str, out: Callable[[str], None]
+) -> int:
+    try:
+        cfg = config.model(model_name)
+    except KeyError:
+        names = ", ".join(m.name for m in config.models)
+        raise ConfigError(f"--model {model_name!r} is not configured; known: {names}") from None
+    # Read before torch is imported and the model loaded, so that a mistyped path fails at once.
+    array = _read_input(input_path)
+    from server.models.loading import ModelLoadError, load_model
+
+    chosen = pick_device(device, _warn)
+    try:
+        model = load_model(cfg)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    inputs, single = _match_input(cfg.name, model, array, input_path)
+    if chosen == "cuda":
+        return _run_on_gpu(cfg, model, inputs, single, out)
+    return _run_on_cpu(model, inputs, single, out)
+
+
+def _run_on_cpu(
+    model: LoadedModel, inputs: dict[str, np.ndarray], single: bool, out: Callable[[str], None]
+) -> int:
+    import torch
+
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(inputs[s.name], dtype=s.np_dtype))
+        for s in model.inputs
+    ]
+    out("Processing input on CPU...")
+    with torch.inference_mode():
+        model.run(tensors)  # warm-up: the first call pays for lazy initialisation
+        started = time.perf_counter()
+        result = model.run(tensors)
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+    first = next(iter(result.values())).numpy()
+    out(f"Prediction: {format_prediction(first[0] if single else first, single)}")
+    out(f"Inference time: {elapsed_ms:.3f} ms")
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _read_input(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read --input {path}: {exc}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        raise ConfigError(f"--input {path} is not a single array (.npy); an .npz is not supported")
+    return array
+
+
+def _match_input(
+    model_name: str, model: LoadedModel, array: np.ndarray, path: str
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The file's array in batch form, or a ConfigError in the server's own words, with the
+    file named where the server would name the request field."""
+    samples = max(array.shape[0] if array.ndim else 1, 1)  # any sample count fits in-process
+    try:
+        inputs, _, single = match_inputs(model_name, model.inputs, {"input": array}, samples)
+    except BadRequest as exc:
+        field = "inputs.input "
+        text = str(exc)
+        if text.startswith(field):
+            raise ConfigError(f"--input {path} {text.removeprefix(field)}") from None
+        raise ConfigError(f"--input {path}: {text}") from None
+    return inputs, single
+
+
+def _run_on_gpu(
+    cfg: ModelConfig,
+    model: LoadedModel,
+    inputs: dict[str, np.ndarray],
+    single: bool,
+    out: Callable[[str], None],
+) -> int:
+    """The server's CUDA executor path: pinned staging, copy and compute streams, the model's
+    half-precision and compile settings; timed host to host, synchronised."""
+    import torch
+
+    from server.executors.cuda_instance import CudaInstance, DeviceCap
+
+    arrays = [np.ascontiguousarray(inputs[s.name], dtype=s.np_dtype) for s in model.inputs]
+    n = int(arrays[0].shape[0])
+    device = torch.device("cuda", 0)
+    instance = CudaInstance(model, device, cfg.placement, n, DeviceCap(n), slots=1)
+    out("Processing input on GPU...")
+    instance.run_blocking(arrays)  # warm-up: the first call pays for lazy initialisation
+    started = time.perf_counter()
+    result, _ = instance.run_blocking(arrays)
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    first = next(iter(result.values()))
+    out(f"Prediction: {format_prediction(first[0] if single else first, single)}")
+    out(f"Inference time: {elapsed_ms:.3f} ms")
+    return 0

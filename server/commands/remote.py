@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 
 from client import Client, MicrobatchError, ModelInfo, Prediction
-from server.infer_local import format_prediction
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -114,3 +113,16 @@ def report(
 def _fail(exc: Exception) -> int:
     print(f"microbatch: {exc}", file=sys.stderr)
     return 1
+
+
+def format_prediction(output: np.ndarray, single: bool) -> str:
+    """A scalar for one sample of one value, a list otherwise (rounded for reading)."""
+    if single:
+        return _format_sample(output)
+    return "[" + ", ".join(_format_sample(row) for row in output) + "]"
+
+
+def _format_sample(row: np.ndarray) -> str:
+    if row.size == 1:
+        return f"{float(row.reshape(-1)[0]):.4g}"
+    return "[" + ", ".join(f"{float(v):.4g}" for v in row.reshape(-1)) + "]"

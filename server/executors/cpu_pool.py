@@ -30,12 +30,12 @@ from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
 from server.executors.framing import FrameReader
-from server.executors.model_info import ModelInfo
 from server.executors.reaper import reap
 from server.executors.shm_layout import ModelPlaces, plan_layout
 from server.executors.watchdog import Watchdog
 from server.executors.worker_entry import WorkerSetup, run_worker
 from server.metrics import Metrics
+from server.models.info import ModelInfo
 from server.models.spec import TensorSpec
 
 log = logging.getLogger(__name__)

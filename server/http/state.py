@@ -1,6 +1,7 @@
 """What the HTTP handlers read: the served models, their queues, the pool and the server phase.
 
-Event loop only; built by lifecycle.py, stored on the aiohttp app under a typed AppKey.
+Event loop only; built by lifecycle.py and handed to the path table (app.py), which passes it to
+every handler.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from server.batching.queue import BatchQueue
 from server.clock import Clock
 from server.config import Config
 from server.executors.cpu_pool import CpuPool
-from server.executors.model_info import ModelInfo
 from server.metrics import Metrics
+from server.models.info import ModelInfo
 from server.protocol.codec import Limits
 from server.routing.devices import Devices
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from server.models.spec import SUPPORTED_DTYPES
+from server.protocol.json_tensor import array_from_list, json_values, kind_of
 
 MSGPACK = "msgpack"
 JSON = "json"
@@ -189,7 +190,7 @@ def _request_from(
     obj: Any, encoding: str, limits: Limits, shapes: ShapeCheck | None
 ) -> InferRequest:
     if not isinstance(obj, dict):
-        raise BadRequest(f"body must be a map with an 'inputs' key, got {_kind(obj)}")
+        raise BadRequest(f"body must be a map with an 'inputs' key, got {kind_of(obj)}")
     if not _REQUEST_KEYS.issuperset(obj):
         unknown = obj.keys() - _REQUEST_KEYS
         raise BadRequest(
@@ -222,14 +223,16 @@ def _decode_inputs(
     if inputs is None:
         raise BadRequest("missing field 'inputs' (a map of input name to tensor)")
     if not isinstance(inputs, dict) or not inputs:
-        raise BadRequest(f"'inputs' must be a non-empty map of name to tensor, got {_kind(inputs)}")
+        raise BadRequest(
+            f"'inputs' must be a non-empty map of name to tensor, got {kind_of(inputs)}"
+        )
     if len(inputs) > limits.max_inputs:
         raise BadRequest(f"'inputs' has {len(inputs)} entries, at most {limits.max_inputs}")
     decoded: dict[str, np.ndarray] = {}
     budget = limits.max_elements
     for name, tensor in inputs.items():
         if not isinstance(name, str):
-            raise BadRequest(f"input names must be strings, got {_kind(name)}")
+            raise BadRequest(f"input names must be strings, got {kind_of(name)}")
         check = shapes if encoding == JSON else None  # a msgpack array is a view: cheap
         arr = decode_tensor(tensor, f"inputs.{name}", encoding, limits, budget, check, name)
         budget -= arr.size
@@ -241,7 +244,7 @@ def _decode_id(value: Any, limits: Limits) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise BadRequest(f"'id' must be a string, got {_kind(value)}")
+        raise BadRequest(f"'id' must be a string, got {kind_of(value)}")
     if len(value) > limits.max_id_chars:
         raise BadRequest(f"'id' has {len(value)} characters, at most {limits.max_id_chars}")
     return value
@@ -251,7 +254,7 @@ def _decode_timeout(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'timeout_ms' must be a number, got {_kind(value)}")
+        raise BadRequest(f"'timeout_ms' must be a number, got {kind_of(value)}")
     try:
         timeout_ms = float(value)  # a JSON integer of 400 digits does not fit a float
     except OverflowError:
@@ -273,7 +276,7 @@ def decode_tensor(
 ) -> np.ndarray:
     """One wire tensor to a native-order array (read-only for msgpack: a view of the body)."""
     if not isinstance(obj, dict):
-        raise BadRequest(f"{field} must be a map with dtype, shape and data, got {_kind(obj)}")
+        raise BadRequest(f"{field} must be a map with dtype, shape and data, got {kind_of(obj)}")
     if len(obj) != 3 and not _TENSOR_KEYS.issuperset(obj):
         unknown = sorted(map(str, obj.keys() - _TENSOR_KEYS))
         raise BadRequest(f"{field} has unknown key(s) {unknown}; a tensor has dtype, shape, data")
@@ -289,7 +292,7 @@ def decode_tensor(
     if encoding == MSGPACK:
         arr = _array_from_bytes(data, dtype, shape, elements, field)
     else:
-        arr = _array_from_list(data, dtype, elements, field).reshape(shape)
+        arr = array_from_list(data, dtype, elements, field).reshape(shape)
     if dtype_name == "bool" and arr.size and arr.view(np.uint8).max() > 1:
         raise BadRequest(f"{field}.data holds bytes other than 0 and 1 for dtype bool")
     return arr
@@ -298,7 +301,7 @@ def decode_tensor(
 def _check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
     if not isinstance(shape, list):
         raise BadRequest(
-            f"{field}.shape must be a list of non-negative integers, got {_kind(shape)}"
+            f"{field}.shape must be a list of non-negative integers, got {kind_of(shape)}"
         )
     if len(shape) > limits.max_dims:
         raise BadRequest(f"{field}.shape has {len(shape)} dimensions, at most {limits.max_dims}")
@@ -322,94 +325,13 @@ def _array_from_bytes(
     data: Any, dtype: np.dtype[Any], shape: Any, elements: int, field: str
 ) -> np.ndarray:
     if type(data) is not bytes:
-        raise BadRequest(f"{field}.data must be binary (msgpack bin), got {_kind(data)}")
+        raise BadRequest(f"{field}.data must be binary (msgpack bin), got {kind_of(data)}")
     expected = elements * dtype.itemsize
     if len(data) != expected:
         raise BadRequest(f"{field}.data has {len(data)} bytes; its shape and dtype need {expected}")
     # A read-only view of the body in its final shape: one call, no copy.
     arr = np.ndarray(shape, dtype=dtype, buffer=data)
     return arr if not _BIG_ENDIAN_HOST else arr.astype(dtype.newbyteorder("="))
-
-
-def _array_from_list(data: Any, dtype: np.dtype[Any], elements: int, field: str) -> np.ndarray:
-    if isinstance(data, (int, float)) and elements == 1:
-        data = [data]  # a scalar tensor (shape []) may be sent as a bare number
-    if not isinstance(data, list):
-        raise BadRequest(f"{field}.data must be a (flat or nested) list in JSON, got {_kind(data)}")
-    try:
-        # Read in the values' own kind, then cast (about the cost of one direct parse, measured):
-        # np.array(data, dtype) would truncate 1.5 to 1, read 2 as True, parse "1" as a number
-        # and overflow 1e39 to inf with only a RuntimeWarning.
-        raw = np.array(data)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest(f"{field}.data is not a regular list of {dtype.name}: {exc}") from None
-    if raw.size != elements:
-        raise BadRequest(f"{field}.data has {raw.size} elements; its shape needs {elements}")
-    return _fit(raw, dtype.newbyteorder("="), data, field).reshape(-1)
-
-
-# The kinds of JSON value (as numpy reads a list of them) that each kind of dtype takes.
-_ACCEPTS = {"b": "biu", "i": "iu", "u": "iu", "f": "iuf"}
-_WANTS = {"b": "true/false (or 0/1)", "i": "integers", "u": "integers", "f": "numbers"}
-
-
-def _fit(raw: np.ndarray, dtype: np.dtype[Any], data: list[Any], field: str) -> np.ndarray:
-    """`raw` (numpy's reading of a JSON list) cast to `dtype` if every value fits it: integers
-    in range for integer dtypes, true/false or 0/1 for bool, numbers within range for floats.
-    numpy promotes a list that mixes kinds first (true among numbers reads as 1)."""
-    kind, target = raw.dtype.kind, dtype.kind
-    if raw.size == 0 or raw.dtype == dtype:
-        return raw.astype(dtype, copy=False)  # an empty list reads as float64: nothing to fit
-    if kind not in _ACCEPTS[target]:
-        raise _misfit(data, dtype, field)
-    if target in "biu":
-        low, high = _range(dtype)
-        if raw.min() < low or raw.max() > high:
-            raise _misfit(data, dtype, field)
-    elif dtype.itemsize < 8:  # float16 or float32: a finite value may overflow to inf
-        try:
-            with np.errstate(over="raise"):
-                return raw.astype(dtype)
-        except FloatingPointError:
-            limit = float(np.finfo(dtype).max)
-            raise BadRequest(
-                f"{field}.data holds a value beyond the range of {dtype.name} (+-{limit:.4g})"
-            ) from None
-    return raw.astype(dtype)
-
-
-def _range(dtype: np.dtype[Any]) -> tuple[int, int]:
-    if dtype.kind == "b":
-        return 0, 1
-    info = np.iinfo(dtype)
-    return int(info.min), int(info.max)
-
-
-def _misfit(data: list[Any], dtype: np.dtype[Any], field: str) -> BadRequest:
-    """The error for a list whose values do not fit `dtype`, naming the first that does not.
-    Only on the error path, so a plain walk; iterative, as JSON may nest deeper than a shape.
-    For float dtypes an integer must still fit 64 bits: numpy reads a larger one as an object."""
-    wants = f"{field}.data must hold {_WANTS[dtype.kind]} for dtype {dtype.name}"
-    low, high = _range(dtype) if dtype.kind in "biu" else (-(2**63), 2**64 - 1)
-    numbers = int if dtype.kind in "biu" else (int, float)
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            if not isinstance(item, numbers):
-                return BadRequest(f"{wants}, got {_kind(item)}")
-            if isinstance(item, int) and not low <= item <= high:
-                where = (
-                    f"dtype {dtype.name} [{low}, {high}]"
-                    if dtype.kind in "biu"
-                    else "a 64-bit integer (send it as a float)"
-                )
-                return BadRequest(f"{field}.data holds {item}, out of range for {where}")
-        else:
-            stack.pop()
-    return BadRequest(wants)  # every value on its own fits: only a list of booleans gets here
 
 
 def encode_tensor(arr: np.ndarray, encoding: str) -> dict[str, Any]:
@@ -427,39 +349,5 @@ def encode_tensor(arr: np.ndarray, encoding: str) -> dict[str, Any]:
     return {"dtype": name, "shape": list(arr.shape), "data": arr.tobytes()}
 
 
-# How JSON carries what it has no numbers for: the strings of the protobuf JSON mapping.
-_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
-
-
-def json_values(arr: np.ndarray) -> Any:
-    """An array as nested lists for JSON, a non-finite float as "NaN", "Infinity" or
-    "-Infinity" (a model's output may hold them; msgpack carries them as they are)."""
-    values = arr.tolist()
-    if arr.dtype.kind != "f" or bool(np.isfinite(arr).all()):
-        return values
-    return _replace_non_finite(values)
-
-
-def _replace_non_finite(values: Any) -> Any:
-    if isinstance(values, list):
-        return [_replace_non_finite(v) for v in values]
-    if math.isfinite(values):
-        return values
-    return _NON_FINITE.get(values, "NaN")
-
-
 def error_body(code: str, message: str, encoding: str) -> bytes:
     return encode({"error": {"code": code, "message": message}}, encoding)
-
-
-def _kind(value: Any) -> str:
-    """How a value reads in an error message: its wire type, not a Python repr."""
-    names = {dict: "a map", list: "a list", str: "a string", bytes: "binary", bool: "a boolean"}
-    if value is None:
-        return "nothing (nil)"
-    for typ, name in names.items():
-        if isinstance(value, typ):
-            return name
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    return type(value).__name__

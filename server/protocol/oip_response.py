@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from server.config import BatchingConfig
-from server.executors.model_info import ModelInfo
 from server.metrics import ModelTotals
+from server.models.info import ModelInfo
 from server.models.spec import TensorSpec
-from server.protocol.codec import json_values
+from server.protocol.json_tensor import json_values
 from server.protocol.oip import OipRequest
 from server.protocol.oip_tensor import DATATYPE_OF, WIRE_DTYPES
 

@@ -21,9 +21,9 @@ from server.executors.cuda import (
     CudaStartError,
     probe_cuda_blocking,
 )
-from server.executors.model_info import ModelInfo
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
+from server.models.info import ModelInfo
 from server.routing import calibration as cal
 from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
 from server.routing.policy import crossover
