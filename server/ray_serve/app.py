@@ -33,7 +33,7 @@ def build_app(config: Config, options: ServeOptions | None = None) -> Applicatio
     config = replica_workers(config, options)
     batcher = serve.deployment(name=BATCHER, **batcher_options(config, options))(Batcher)
     front = serve.deployment(name=FRONT, **front_options(config, options))(Front)
-    return front.bind(batcher.bind(config))
+    return front.bind(batcher.bind(config), config.server.log_level)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -21,12 +21,14 @@ from starlette.responses import Response
 
 from server.errors import ShuttingDown
 from server.http.exchange import Answer, Call, error_answer
+from server.ray_serve.logs import log_through_serve
 
 log = logging.getLogger(__name__)
 
 
 class Front:
-    def __init__(self, batcher: DeploymentHandle[Any]) -> None:
+    def __init__(self, batcher: DeploymentHandle[Any], log_level: str = "info") -> None:
+        log_through_serve(log_level)
         self._batcher = batcher
 
     async def __call__(self, request: Request) -> Response:

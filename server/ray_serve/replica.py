@@ -17,6 +17,7 @@ from server.config import Config
 from server.engine import Engine
 from server.http.exchange import Answer, Call, Exchange
 from server.http.handlers import readiness
+from server.ray_serve.logs import log_through_serve
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Microbatch-Replica"  # which replica answered, for operators and tests
@@ -25,7 +26,7 @@ REPLICA_HEADER = "X-Microbatch-Replica"  # which replica answered, for operators
 class Batcher:
     # Serve awaits an async constructor (Ray actors allow one); type checkers want None.
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]
-        logging.getLogger("server").setLevel(config.server.log_level.upper())
+        log_through_serve(config.server.log_level)
         self._engine = Engine(config)
         self._exchange = Exchange(self._engine.state)
         self._replica = serve.get_replica_context().replica_id.unique_id
