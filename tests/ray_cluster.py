@@ -99,7 +99,7 @@ def _say(answers: IO[str], message: dict[str, Any]) -> None:
 class RayCluster:
     """The process above, seen from a test: its answers, its log, and a bounded stop."""
 
-    def __init__(self, config_path: Path, port: int, timeout_s: float = 180.0) -> None:
+    def __init__(self, config_path: Path, port: int, timeout_s: float = 600.0) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="mb-ray-")  # short: Ray's socket paths must fit
         self.log_path = Path(self.temp_dir) / "driver.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)

@@ -34,6 +34,9 @@ from tests.server_process import start_server
 
 pytestmark = [
     pytest.mark.slow,
+    # Starting Ray and two replicas takes 10-20 s here, and minutes on a machine busy with a
+    # parallel pip install (177 s seen): the module's first test carries that start.
+    pytest.mark.timeout(900),
     pytest.mark.skipif(
         importlib.util.find_spec("ray") is None, reason="needs the ray extra: pip install -e .[ray]"
     ),
