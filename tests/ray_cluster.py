@@ -36,6 +36,9 @@ ENVIRONMENT = {
     "RAY_health_check_timeout_ms": "30000",
     "RAY_health_check_failure_threshold": "10",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    # Serve gives a new proxy 5 s (then 10, 15) to say it is ready, and replaces it after three
+    # misses, which fails serve.start: under load, starting uvicorn in a new worker took longer.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_DEDUP_LOGS": "0",  # every warning of the front reaches our log (tests count them)
 }
 
