@@ -1,8 +1,10 @@
 """The front deployment: Serve's HTTP proxy hands it each request; it forwards the request as
 plain data (a `Call`) to a batcher replica through a deployment handle and turns the `Answer`
-back into HTTP. A batcher replica that dies with requests in flight fails them in Ray; the front
-answers those 503 shutting_down (retryable, Retry-After: 1) in the request's own protocol and
-encoding, as a draining server would, so that clients and proxies that retry 503s lose nothing.
+back into HTTP. Going through a handle matters when a batcher replica dies: Ray re-sends a handle
+call whose replica died before answering to another replica (a request the proxy streams to the
+replica itself would get Serve's bare 500). What Ray fails instead, the front answers 503
+shutting_down (retryable, Retry-After: 1) in the request's own protocol and encoding, as a
+draining server would, so that clients and proxies that retry 503s lose nothing.
 
 Runs in a Ray Serve replica process (no engine, no torch, no CPU workers); crosses to the
 batcher only through the handle, with plain data.
