@@ -36,7 +36,8 @@ def build_encoder() -> Any:
         def forward(self, ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
             hidden = self.layers(self.embed(ids), src_key_padding_mask=padding_mask)
             keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
-            return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+            pooled: torch.Tensor = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+            return pooled
 
     model = Encoder()
     _fill_weights(model)
