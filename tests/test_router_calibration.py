@@ -25,13 +25,13 @@ from server.config import (
 )
 from server.executors.base import Batch, DoneCallback
 from server.executors.cuda import CudaStartError
+from server.executors.profiling import calibration_sizes, time_sizes_blocking
 from server.metrics import Metrics
 from server.models.info import ModelInfo
 from server.models.spec import TensorSpec
 from server.routing import calibration as cal
 from server.routing.cost import CostFit
 from server.routing.devices import Devices
-from server.routing.profiling import time_sizes_blocking
 from server.routing.router import Router
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def line(fixed_s: float, per_sample_s: float, sizes: Sequence[int]) -> list[tupl
     [(1, [1]), (2, [1, 2]), (32, [1, 2, 4, 8, 16, 32]), (48, [1, 2, 4, 8, 16, 32, 48])],
 )
 def test_calibration_sizes_double_up_to_the_cap(cap: int, sizes: list[int]) -> None:
-    assert cal.calibration_sizes(cap) == sizes
+    assert calibration_sizes(cap) == sizes
 
 
 def model(name: str = "m", path: str = "builtin:mlp", **placement: Any) -> ModelConfig:

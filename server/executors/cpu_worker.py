@@ -13,8 +13,10 @@ multiprocessing Connection in small msgpack messages; tensors stay in shared mem
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any
@@ -23,11 +25,11 @@ import msgpack
 import torch
 
 from server.errors import ErrorCode
+from server.executors.profiling import time_sizes_blocking, zero_inputs
 from server.executors.shm_layout import plan_layout
 from server.executors.worker_entry import WorkerSetup
 from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
 from server.models.spec import TensorSpec
-from server.routing.profiling import profile_cpu_blocking
 
 if TYPE_CHECKING:
     from server.config import ModelConfig
@@ -147,6 +149,30 @@ def _serve_blocking(conn: Connection, models: dict[str, LoadedModel], views: _Vi
             )
             continue
         _send(conn, ["done", seq, time.perf_counter() - started])
+
+
+def profile_cpu_blocking(
+    models: Mapping[str, LoadedModel], plan: Mapping[str, Sequence[int]]
+) -> dict[str, list[list[float]]]:
+    """Each planned model timed over its sizes; plain data for the pool. A model that fails
+    here is left out (the server logs that it has no calibration)."""
+    report: dict[str, list[list[float]]] = {}
+    for name, sizes in plan.items():
+        model = models.get(name)
+        if model is None:
+            continue
+        inputs = {n: [torch.from_numpy(a) for a in zero_inputs(model.inputs, n)] for n in sizes}
+        try:
+            timings = time_sizes_blocking(functools.partial(_run_cpu, model, inputs), sizes)
+        except Exception:  # the worker's boundary: calibration must never stop a start-up
+            continue
+        report[name] = [t.to_wire() for t in timings]
+    return report
+
+
+def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: int) -> None:
+    with torch.inference_mode():
+        model.run(inputs[n])
 
 
 def _run_batch(

@@ -34,10 +34,9 @@ from server.errors import ErrorCode
 from server.executors.cuda import SLOTS_PER_INSTANCE, CudaSetup
 from server.executors.cuda_failure import FailureKind, classify, describe
 from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
+from server.executors.profiling import calibration_sizes, time_sizes_blocking, zero_inputs
 from server.executors.shm_layout import plan_layout
 from server.models.loading import load_model
-from server.routing.calibration import calibration_sizes
-from server.routing.profiling import time_sizes_blocking, zero_inputs
 
 _Send = Callable[[list[Any]], None]
 _Views = list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]

@@ -21,6 +21,7 @@ from server.executors.cuda import (
     CudaStartError,
     probe_cuda_blocking,
 )
+from server.executors.profiling import calibration_sizes
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
 from server.models.info import ModelInfo
@@ -66,7 +67,7 @@ class Devices:
             self._read_blocking, threads
         )
         return {
-            m.name: cal.calibration_sizes(m.batching.max_batch_size)
+            m.name: calibration_sizes(m.batching.max_batch_size)
             for m in self._config.models
             if self._stale(m, self._cpu_id)
         }
@@ -120,7 +121,7 @@ class Devices:
 
     async def _start_gpu(self, index: int, wanted: tuple[ModelConfig, ...]) -> None:
         gpu = self._make_executor(index, wanted)
-        plan = {m.name: cal.calibration_sizes(m.batching.max_batch_size) for m in wanted}
+        plan = {m.name: calibration_sizes(m.batching.max_batch_size) for m in wanted}
         try:
             await gpu.start(self._config.workers.start_timeout_s, plan)
         except (CudaStartError, asyncio.TimeoutError, OSError) as exc:
