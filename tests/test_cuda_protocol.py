@@ -17,7 +17,6 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -33,8 +32,11 @@ from server.config import (
     WorkersConfig,
 )
 from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome
+from server.executors.contract import Attach, CudaSetup, Loaded, LoadFailed, Ready
 from server.executors.cpu_pool import CpuPool
-from server.executors.cuda import OOM_MESSAGE, CudaExecutor, CudaSetup
+from server.executors.cuda import CudaExecutor
+from server.executors.cuda_failure import OOM_MESSAGE
+from server.executors.worker_channel import Channel
 from server.metrics import Metrics
 from server.models.builtin import reference_forward
 from server.models.spec import TensorSpec
@@ -116,23 +118,21 @@ def fake_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
     from server.executors import cuda_worker
     from server.executors.cuda_instance import DeviceCap
 
-    def send(message: list[Any]) -> None:
-        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
+    channel = Channel(conn)
     instances = {}
     for cfg in setup.models:
         cap = DeviceCap(cfg.batching.max_batch_size)  # shared by the model's instances
         instances[cfg.name] = [FakeInstance(cap) for _ in range(cfg.placement.cuda_instances)]
-    wire = [[n, [SPEC.to_wire()], [OUT.to_wire()]] for n in instances]
-    send(["loaded", "Fake GPU", wire])
-    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    segment = SharedMemory(name=segment_name)
+    channel.send(Loaded("Fake GPU", {n: ((SPEC,), (OUT,)) for n in instances}, {}))
+    attach = channel.recv_blocking()
+    assert isinstance(attach, Attach)
+    segment = SharedMemory(name=attach.segment)
     first = {name: group[0] for name, group in instances.items()}
-    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
-    timings = {name: [[n, 0.001 + 1e-5 * n] for n in sizes] for name, sizes in plan.items()}
-    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, ["a note"]])
+    views = cuda_worker.segment_views(segment, setup, first, attach.slots)  # type: ignore[arg-type]
+    timings = {name: [(n, 0.001 + 1e-5 * n) for n in sizes] for name, sizes in attach.plan.items()}
+    channel.send(Ready(timings, {n: i.cap.value for n, i in first.items()}, ["a note"]))
     try:
-        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
+        cuda_worker.serve_blocking(channel, instances, views)  # type: ignore[arg-type]
     finally:
         segment.close()
 
@@ -275,7 +275,7 @@ async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None
 
 
 def failing_worker(conn: Connection, setup: CudaSetup) -> None:
-    conn.send_bytes(msgpack.packb(["load_failed", "cuda:0: no CUDA device here"]))
+    Channel(conn).send(LoadFailed("cuda:0: no CUDA device here"))
 
 
 class CpuStandIn:
@@ -311,25 +311,21 @@ def standin_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
     from server.executors import cuda_worker
     from server.executors.cuda_instance import DeviceCap
 
-    def send(message: list[Any]) -> None:
-        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
+    channel = Channel(conn)
     instances = {
         cfg.name: [CpuStandIn(cfg, DeviceCap(cfg.batching.max_batch_size))] for cfg in setup.models
     }
     first = {name: group[0] for name, group in instances.items()}
-    wire = [
-        [n, [s.to_wire() for s in i.model.inputs], [s.to_wire() for s in i.model.outputs]]
-        for n, i in first.items()
-    ]
-    send(["loaded", "Stand-in GPU", wire])
-    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    segment = SharedMemory(name=segment_name)
-    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
-    timings = {name: [[n, 1e-6] for n in sizes] for name, sizes in plan.items()}
-    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, []])
+    specs = {n: (i.model.inputs, i.model.outputs) for n, i in first.items()}
+    channel.send(Loaded("Stand-in GPU", specs, {}))
+    attach = channel.recv_blocking()
+    assert isinstance(attach, Attach)
+    segment = SharedMemory(name=attach.segment)
+    views = cuda_worker.segment_views(segment, setup, first, attach.slots)  # type: ignore[arg-type]
+    timings = {name: [(n, 1e-6) for n in sizes] for name, sizes in attach.plan.items()}
+    channel.send(Ready(timings, {n: i.cap.value for n, i in first.items()}, []))
     try:
-        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
+        cuda_worker.serve_blocking(channel, instances, views)  # type: ignore[arg-type]
     finally:
         segment.close()
 

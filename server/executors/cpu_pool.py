@@ -21,22 +21,35 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
 
-import msgpack
 import numpy as np
 
 from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
+from server.executors.contract import (
+    Attach,
+    Done,
+    Failed,
+    FailureKind,
+    Loaded,
+    LoadFailed,
+    Ready,
+    Run,
+    ServerMessage,
+    Stop,
+    WorkerMessage,
+    WorkerSetup,
+    decode_from_worker,
+    encode,
+)
 from server.executors.framing import FrameReader
 from server.executors.reaper import reap
 from server.executors.shm_layout import ModelPlaces, plan_layout
 from server.executors.watchdog import Watchdog
-from server.executors.worker_entry import WorkerSetup, run_worker
+from server.executors.worker_entry import run_cpu_worker
 from server.metrics import Metrics
 from server.models.info import ModelInfo
-from server.models.spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +180,7 @@ class CpuPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         setup = WorkerSetup(index, self._configs, self._threads)
         process = self._ctx.Process(
-            target=run_worker,
+            target=run_cpu_worker,
             args=(child_conn, setup),
             name=f"microbatch-cpu-{index}",
             daemon=True,
@@ -215,7 +228,7 @@ class CpuPool:
         worker.by_seq[seq] = flight
         batch.attempts += 1
         try:
-            self._send(worker, ["run", seq, slot, batch.model, batch.samples])
+            self._send(worker, Run(seq, slot, batch.model, batch.samples))
         except OSError:
             self._on_death(worker)
             return
@@ -248,30 +261,28 @@ class CpuPool:
         for payload in worker.frames.feed(chunk):
             if not worker.alive:
                 return
-            self._on_message(worker, msgpack.unpackb(payload, raw=False))
+            self._on_message(worker, decode_from_worker(payload))
 
-    def _on_message(self, worker: _Worker, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == "done" or kind == "failed":
+    def _on_message(self, worker: _Worker, message: WorkerMessage) -> None:
+        if isinstance(message, (Done, Failed)):
             self._on_result(worker, message)
-        elif kind == "loaded":
-            self._on_loaded(worker, message[1], message[2] if len(message) > 2 else [])
-        elif kind == "ready":
+        elif isinstance(message, Loaded):
+            self._on_loaded(worker, message)
+        elif isinstance(message, Ready):
             worker.ready = True
-            for name, points in (message[1] if len(message) > 1 else {}).items():
-                self.calibration[str(name)] = [(int(n), float(s)) for n, s in points]
+            self.calibration.update(message.timings)
             self._failures.pop(worker.index, None)
             if worker.started is not None and not worker.started.done():
                 worker.started.set_result(None)
             self._capacity_freed()
-        elif kind == "load_failed":
-            self._on_load_failed(worker, str(message[1]))
+        elif isinstance(message, LoadFailed):
+            self._on_load_failed(worker, message.message)
 
-    def _on_result(self, worker: _Worker, message: list[Any]) -> None:
-        flight = worker.by_seq.pop(message[1])
+    def _on_result(self, worker: _Worker, message: Done | Failed) -> None:
+        flight = worker.by_seq.pop(message.seq)
         worker.slots[flight.slot] = None
         batch = flight.batch
-        if message[0] == "done":
+        if isinstance(message, Done):
             _, outputs = self._views[worker.index][flight.slot][batch.model]
             specs = self.models[batch.model].outputs
             result = {
@@ -281,30 +292,25 @@ class CpuPool:
             # The next batch goes to the worker before this one's answers are written, so the
             # worker computes while the event loop answers.
             self._capacity_freed()
-            flight.done(batch, BatchDone(result, float(message[2]), self.device))
+            flight.done(batch, BatchDone(result, message.compute_s, self.device))
         else:
             # The worker reports only the model's own exceptions this way. Answered first, so
             # that the halves of a poisoned batch take the freed slot ahead of the queue.
             failed = BatchFailed(
-                str(message[2]), str(message[3]), model_raised=True, device=self.device
+                ErrorCode.MODEL_ERROR.value, message.message, message.kind, self.device
             )
             flight.done(batch, failed)
             self._capacity_freed()
 
-    def _on_loaded(self, worker: _Worker, reported: list[Any], failed: list[Any]) -> None:
+    def _on_loaded(self, worker: _Worker, loaded: Loaded) -> None:
         batching = {cfg.name: cfg.batching for cfg in self._configs}
         infos = {
-            name: ModelInfo(
-                name,
-                tuple(TensorSpec.from_wire(s) for s in inputs),
-                tuple(TensorSpec.from_wire(s) for s in outputs),
-                batching[name],
-            )
-            for name, inputs, outputs in reported
+            name: ModelInfo(name, inputs, outputs, batching[name])
+            for name, (inputs, outputs) in loaded.models.items()
         }
         if not self.models:
             self.models = infos
-            self.missing = {str(name): str(reason) for name, reason in failed}
+            self.missing = dict(loaded.failed)
         elif infos != self.models:
             self._on_load_failed(
                 worker,
@@ -314,10 +320,9 @@ class CpuPool:
             return
         if worker.index not in self._segments:
             self._create_segment(worker.index)
-        attach: list[Any] = ["attach", self._segments[worker.index].name, SLOTS_PER_WORKER]
-        if worker.index == 0 and not self._started and self._calibrate:
-            attach.append(self._calibrate)
-        self._send(worker, attach)
+        calibrate = worker.index == 0 and not self._started
+        plan = self._calibrate if calibrate else {}
+        self._send(worker, Attach(self._segments[worker.index].name, SLOTS_PER_WORKER, plan))
 
     def _create_segment(self, index: int) -> None:
         layout = plan_layout(
@@ -424,16 +429,17 @@ class CpuPool:
         asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         if send_stop:
             with contextlib.suppress(OSError):
-                self._send(worker, ["stop"])
+                self._send(worker, Stop())
         worker.conn.close()
 
     def _fail_in_flight(self, worker: _Worker, code: ErrorCode, message: str) -> None:
         for flight in list(worker.by_seq.values()):
-            flight.done(flight.batch, BatchFailed(code.value, message, device=self.device))
+            failed = BatchFailed(code.value, message, FailureKind.STOPPED, self.device)
+            flight.done(flight.batch, failed)
         worker.by_seq.clear()
 
     def _failed(self, message: str) -> BatchFailed:
-        return BatchFailed(ErrorCode.MODEL_ERROR.value, message, device=self.device)
+        return BatchFailed(ErrorCode.MODEL_ERROR.value, message, FailureKind.WORKER, self.device)
 
     def _capacity_freed(self) -> None:
         while self._retry and any(
@@ -445,8 +451,8 @@ class CpuPool:
             listener()
 
     @staticmethod
-    def _send(worker: _Worker, message: list[Any]) -> None:
-        worker.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+    def _send(worker: _Worker, message: ServerMessage) -> None:
+        worker.conn.send_bytes(encode(message))
 
     # Introspection -------------------------------------------------------------------------
     @property

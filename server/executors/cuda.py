@@ -24,27 +24,40 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
 
-import msgpack
 import numpy as np
 
 from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
+from server.executors.contract import (
+    SLOTS_PER_INSTANCE,
+    Attach,
+    CudaSetup,
+    Done,
+    Failed,
+    FailureKind,
+    Loaded,
+    LoadFailed,
+    ModelSpecs,
+    Ready,
+    Run,
+    ServerMessage,
+    Stop,
+    WorkerMessage,
+    decode_from_worker,
+    encode,
+)
 from server.executors.reaper import reap
 from server.executors.shm_layout import plan_layout
 from server.executors.watchdog import Watchdog
-from server.models.spec import TensorSpec
+from server.executors.worker_entry import run_cuda_worker
 
 log = logging.getLogger(__name__)
-SLOTS_PER_INSTANCE = 2  # one batch computing, the next one copying in
-OOM_MESSAGE = "CUDA out of memory"  # starts a failure that another executor may still answer
 _PROBE = (
     "import json, torch\n"
     "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
@@ -54,19 +67,6 @@ _PROBE = (
 
 class CudaStartError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class CudaSetup:
-    device_index: int
-    models: tuple[ModelConfig, ...]
-    threads: int = 1  # torch CPU threads in the GPU worker (staging copies only)
-
-
-def run_cuda_worker(conn: Connection, setup: CudaSetup) -> None:
-    from server.executors.cuda_worker import cuda_worker_main  # torch: in the worker only
-
-    cuda_worker_main(conn, setup)
 
 
 def probe_cuda_blocking(timeout_s: float = 120.0) -> list[str]:
@@ -135,9 +135,9 @@ class CudaExecutor:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._segment: SharedMemory | None = None
-        self._phase: asyncio.Future[list[Any]] | None = None
+        self._phase: asyncio.Future[Loaded | Ready] | None = None
         self._alive = False
-        self.specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
+        self.specs: dict[str, ModelSpecs] = {}
         self.caps = {m.name: m.batching.max_batch_size for m in models}
         self.calibration: dict[str, list[tuple[int, float]]] = {}
         self._batch_timeouts: dict[str, float] = {}
@@ -161,26 +161,25 @@ class CudaExecutor:
         self._phase = loop.create_future()
         loop.add_reader(parent.fileno(), self._on_readable)
         loaded = await asyncio.wait_for(self._phase, timeout_s)
+        assert isinstance(loaded, Loaded)
         self._on_loaded(loaded)
         self._phase = loop.create_future()
         slots = max(len(s) for s in self._slots.values())
-        self._send(["attach", self._segment_name(slots), slots, dict(plan)])
+        sizes = {name: list(sizes) for name, sizes in plan.items()}
+        self._send(Attach(self._segment_name(slots), slots, sizes))
         ready = await asyncio.wait_for(self._phase, timeout_s)
+        assert isinstance(ready, Ready)
         self._phase = None
-        self.calibration = {str(k): [(int(n), float(s)) for n, s in v] for k, v in ready[1].items()}
-        self.caps.update({str(k): int(v) for k, v in ready[2].items()})
-        for note in ready[3]:
+        self.calibration = ready.timings
+        self.caps.update(ready.caps)
+        for note in ready.notes:
             log.warning("%s: %s", self.device, note)
         self._alive = True
         log.info("%s (%s) ready: %s", self.device, self.gpu_name, ", ".join(self._configs))
 
-    def _on_loaded(self, message: list[Any]) -> None:
-        self.gpu_name = str(message[1])
-        for name, inputs, outputs in message[2]:
-            self.specs[str(name)] = (
-                tuple(TensorSpec.from_wire(s) for s in inputs),
-                tuple(TensorSpec.from_wire(s) for s in outputs),
-            )
+    def _on_loaded(self, loaded: Loaded) -> None:
+        self.gpu_name = loaded.device_name
+        self.specs.update(loaded.models)
 
     def _segment_name(self, slots: int) -> str:
         layout = plan_layout(
@@ -204,11 +203,11 @@ class CudaExecutor:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         was_alive, self._alive = self._alive, False
-        self._fail_in_flight(ErrorCode.SHUTTING_DOWN, "the server stopped")
+        self._fail_in_flight(ErrorCode.SHUTTING_DOWN, "the server stopped", FailureKind.STOPPED)
         if self._conn is not None:
             if was_alive:
                 with contextlib.suppress(OSError):
-                    self._send(["stop"])
+                    self._send(Stop())
             self._close_conn()
         if self._process is not None:
             await asyncio.to_thread(self._process.join, timeout_s)
@@ -259,7 +258,10 @@ class CudaExecutor:
         slots = self._slots[batch.model]
         free = [i for i, used in enumerate(slots) if used is None]
         if not self._alive or not free:
-            done(batch, BatchFailed(ErrorCode.INTERNAL.value, f"{self.device} had no free slot"))
+            failed = BatchFailed(
+                ErrorCode.INTERNAL.value, f"{self.device} had no free slot", FailureKind.OTHER
+            )
+            done(batch, failed)
             return
 
         def busy(slot: int) -> int:
@@ -278,7 +280,7 @@ class CudaExecutor:
         self._by_seq[seq] = flight
         batch.attempts += 1
         try:
-            self._send(["run", seq, slot, batch.model, batch.samples])
+            self._send(Run(seq, slot, batch.model, batch.samples))
         except OSError:
             self._on_death()
             return
@@ -315,38 +317,36 @@ class CudaExecutor:
         conn = self._conn
         try:
             while conn is not None and not conn.closed and conn.poll():
-                self._on_message(msgpack.unpackb(conn.recv_bytes(), raw=False))
+                self._on_message(decode_from_worker(conn.recv_bytes()))
         except (EOFError, OSError):
             self._on_death()
 
-    def _on_message(self, message: list[Any]) -> None:
-        kind = message[0]
-        if kind in ("loaded", "ready"):
+    def _on_message(self, message: WorkerMessage) -> None:
+        if isinstance(message, (Loaded, Ready)):
             if self._phase is not None and not self._phase.done():
                 self._phase.set_result(message)
-        elif kind == "load_failed":
-            self._fail_start(str(message[1]))
-        elif kind in ("done", "failed"):
+        elif isinstance(message, LoadFailed):
+            self._fail_start(message.message)
+        elif isinstance(message, Failed) and message.kind is FailureKind.DEVICE:
+            self._on_device_lost(message.seq, message.message)
+        elif isinstance(message, (Done, Failed)):
             self._on_result(message)
-        elif kind == "device_lost":
-            self._on_device_lost(int(message[1]), str(message[2]))
 
-    def _on_result(self, message: list[Any]) -> None:
-        flight = self._by_seq.pop(message[1])
+    def _on_result(self, message: Done | Failed) -> None:
+        flight = self._by_seq.pop(message.seq)
         batch = flight.batch
         self._slots[batch.model][flight.slot] = None
-        if message[0] == "done":
+        if isinstance(message, Done):
             _, outputs = self._views[flight.slot][batch.model]
             result = {
                 spec.name: view[: batch.samples].copy()
                 for spec, view in zip(self.specs[batch.model][1], outputs, strict=True)
             }
-            self._note_cap(batch.model, int(message[3]), batch.samples)
-            flight.done(batch, BatchDone(result, float(message[2]), self.device))
+            self._note_cap(batch.model, message.cap, batch.samples)
+            flight.done(batch, BatchDone(result, message.compute_s, self.device))
         else:
-            raised = len(message) > 4 and bool(message[4])
             failed = BatchFailed(
-                str(message[2]), str(message[3]), model_raised=raised, device=self.device
+                ErrorCode.MODEL_ERROR.value, message.message, message.kind, self.device
             )
             flight.done(batch, failed)
         for listener in self._listeners:
@@ -383,12 +383,10 @@ class CudaExecutor:
         if reported is not None:
             reported.done(
                 reported.batch,
-                BatchFailed(
-                    ErrorCode.MODEL_ERROR.value, message, device_lost=True, device=self.device
-                ),
+                BatchFailed(ErrorCode.MODEL_ERROR.value, message, FailureKind.DEVICE, self.device),
             )
         lost = f"{self.device} failed while this batch was on it"
-        self._fail_in_flight(ErrorCode.MODEL_ERROR, lost, device_lost=True)
+        self._fail_in_flight(ErrorCode.MODEL_ERROR, lost, FailureKind.DEVICE)
         for listener in self._listeners:
             listener()
 
@@ -403,17 +401,18 @@ class CudaExecutor:
         self._close_conn()
         if self._process is not None:
             reap(self._process)
-        self._fail_in_flight(ErrorCode.MODEL_ERROR, why or f"the {self.device} worker died")
+        why = why or f"the {self.device} worker died"
+        self._fail_in_flight(ErrorCode.MODEL_ERROR, why, FailureKind.WORKER)
         for listener in self._listeners:
             listener()
 
-    def _fail_in_flight(self, code: ErrorCode, message: str, device_lost: bool = False) -> None:
+    def _fail_in_flight(self, code: ErrorCode, message: str, kind: FailureKind) -> None:
         flights = list(self._by_seq.values())
         self._by_seq.clear()
         for slots in self._slots.values():
             slots[:] = [None] * len(slots)
         for flight in flights:
-            failed = BatchFailed(code.value, message, device_lost=device_lost, device=self.device)
+            failed = BatchFailed(code.value, message, kind, self.device)
             flight.done(flight.batch, failed)
 
     def _close_conn(self) -> None:
@@ -423,7 +422,7 @@ class CudaExecutor:
                 asyncio.get_running_loop().remove_reader(self._conn.fileno())
             self._conn.close()
 
-    def _send(self, message: list[Any]) -> None:
+    def _send(self, message: ServerMessage) -> None:
         if self._conn is None or self._conn.closed:
             raise OSError("the GPU worker connection is closed")
-        self._conn.send_bytes(msgpack.packb(message, use_bin_type=True))
+        self._conn.send_bytes(encode(message))

@@ -14,13 +14,9 @@ from typing import Any
 
 from server.config import Config, ModelConfig
 from server.executors.base import BatchFailed, Dispatcher
+from server.executors.contract import FailureKind
 from server.executors.cpu_pool import CpuPool
-from server.executors.cuda import (
-    OOM_MESSAGE,
-    CudaExecutor,
-    CudaStartError,
-    probe_cuda_blocking,
-)
+from server.executors.cuda import CudaExecutor, CudaStartError, probe_cuda_blocking
 from server.executors.profiling import calibration_sizes
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
@@ -381,4 +377,4 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
 
 
 def _out_of_memory(failure: BatchFailed) -> bool:
-    return failure.message.startswith(OOM_MESSAGE)
+    return failure.kind is FailureKind.OUT_OF_MEMORY
