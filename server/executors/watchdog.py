@@ -48,6 +48,21 @@ def stall_s(limit_s: float) -> float:
     return max(STALL_FLOOR_S, STALL_FRACTION * limit_s)
 
 
+class BatchLimits:
+    """One executor's batch time limits (model -> seconds) and the counter of the kills, shared
+    by the watchdogs of its workers; empty until set, so that start-up (loading, warming up,
+    timing) is never watched."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.on_timeout: Callable[[str], None] = lambda model: None
+
+    def set(self, limits: Mapping[str, float], on_timeout: Callable[[str], None]) -> None:
+        self.seconds.clear()  # in place: the watchdogs hold this dict
+        self.seconds.update(limits)
+        self.on_timeout = on_timeout
+
+
 class Watchdog(Generic[F]):
     """`limits`: model -> seconds (models without one are not watched); `on_overdue` is called
     once the oldest batch in flight has run past its limit, and must end the worker."""
