@@ -241,7 +241,7 @@ async def test_a_sticky_cuda_error_loses_the_device_not_the_batch() -> None:
         assert executor.in_flight() == 0
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == 3  # it exited
+    assert executor.process is not None and executor.process.exitcode == 3  # it exited
 
 
 async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
@@ -253,7 +253,7 @@ async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
         assert ILLEGAL_ACCESS in outcome.message and not executor.alive()
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == 3
+    assert executor.process is not None and executor.process.exitcode == 3
 
 
 async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None:
@@ -271,7 +271,7 @@ async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None
         assert executor.unavailable() == "cuda:0 is out of service"
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == -9  # SIGKILL
+    assert executor.process is not None and executor.process.exitcode == -9  # SIGKILL
 
 
 def failing_worker(conn: Connection, setup: CudaSetup) -> None:

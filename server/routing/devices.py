@@ -16,7 +16,8 @@ from server.config import Config, ModelConfig
 from server.executors.base import BatchFailed, Dispatcher
 from server.executors.contract import FailureKind
 from server.executors.cpu_pool import CpuPool
-from server.executors.cuda import CudaExecutor, CudaStartError, probe_cuda_blocking
+from server.executors.cuda import CudaExecutor, CudaStartError
+from server.executors.cuda_probe import probe_cuda_blocking
 from server.executors.profiling import calibration_sizes
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
