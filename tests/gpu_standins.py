@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from server.config import ModelConfig
@@ -139,6 +138,7 @@ def _serve(
     """The handshake of cuda_worker_main with these instances, then its real serving loop."""
     from server.executors import cuda_worker
     from server.executors.cuda_instance import DeviceCap
+    from server.executors.worker_segment import attached
 
     channel = Channel(conn)
     instances = {}
@@ -150,13 +150,11 @@ def _serve(
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return
-    segment = SharedMemory(name=attach.segment)
-    views = cuda_worker.segment_views(segment, setup, first, attach.slots)  # type: ignore[arg-type]
+    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = {n: (i.model.inputs, i.model.outputs, caps[n]) for n, i in first.items()}
     timings: dict[str, Points] = {
         model: [(n, seconds(n)) for n in sizes] for model, sizes in attach.plan.items()
     }
-    channel.send(Ready(timings, {n: i.cap.value for n, i in first.items()}, notes))
-    try:
-        cuda_worker.serve_blocking(channel, instances, views)  # type: ignore[arg-type]
-    finally:
-        segment.close()
+    with attached(attach, layout) as views:
+        channel.send(Ready(timings, {n: i.cap.value for n, i in first.items()}, notes))
+        cuda_worker.serve_blocking(channel, instances, views)

@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,10 +30,9 @@ from server.executors.contract import (
     WorkerSetup,
 )
 from server.executors.profiling import time_sizes_blocking, zero_inputs
-from server.executors.shm_layout import plan_layout
 from server.executors.worker_channel import Channel
+from server.executors.worker_segment import SegmentViews, attached
 from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
-from server.models.spec import TensorSpec
 
 if TYPE_CHECKING:
     from server.config import ModelConfig
@@ -62,13 +60,11 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return  # the server is gone, or stopping
-    segment = SharedMemory(name=attach.segment)
-    try:
+    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = {name: (m.inputs, m.outputs, caps[name]) for name, m in models.items()}
+    with attached(attach, layout) as views:
         channel.send(Ready(profile_cpu_blocking(models, attach.plan), {}, []))
-        views = _tensor_views(segment, models, setup, attach.slots)
         channel.serve_blocking(functools.partial(_run, channel, models, views))
-    finally:
-        segment.close()
 
 
 def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
@@ -90,34 +86,7 @@ def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
     return model
 
 
-_Views = list[dict[str, tuple[list[torch.Tensor], list[tuple[TensorSpec, torch.Tensor]]]]]
-
-
-def _tensor_views(
-    segment: SharedMemory, models: dict[str, LoadedModel], setup: WorkerSetup, slots: int
-) -> _Views:
-    """Torch tensors over the shared segment, built once: a batch then only slices them."""
-    batch_caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = plan_layout(
-        {name: (m.inputs, m.outputs, batch_caps[name]) for name, m in models.items()}, slots
-    )
-    buf = segment.buf
-    assert buf is not None
-    views: _Views = []
-    for region in layout.slots:
-        views.append(
-            {
-                name: (
-                    [torch.from_numpy(p.view(buf)) for p in places.inputs],
-                    [(p.spec, torch.from_numpy(p.view(buf))) for p in places.outputs],
-                )
-                for name, places in region.items()
-            }
-        )
-    return views
-
-
-def _run(channel: Channel, models: dict[str, LoadedModel], views: _Views, run: Run) -> None:
+def _run(channel: Channel, models: dict[str, LoadedModel], views: SegmentViews, run: Run) -> None:
     inputs, outputs = views[run.slot][run.model]
     samples = run.samples
     started = time.perf_counter()
@@ -157,12 +126,9 @@ def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: in
 
 
 def _run_batch(
-    model: LoadedModel,
-    inputs: list[torch.Tensor],
-    outputs: list[tuple[TensorSpec, torch.Tensor]],
-    samples: int,
+    model: LoadedModel, inputs: list[torch.Tensor], outputs: list[torch.Tensor], samples: int
 ) -> None:
     with torch.inference_mode():
         result = model.run(inputs)
-        for spec, target in outputs:
+        for spec, target in zip(model.outputs, outputs, strict=True):
             target[:samples].copy_(declared_output(result, spec, samples))

@@ -17,7 +17,6 @@ import queue
 import signal
 import threading
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
@@ -37,11 +36,9 @@ from server.executors.contract import (
 from server.executors.cuda_failure import classify, describe
 from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
 from server.executors.profiling import calibration_sizes, time_sizes_blocking, zero_inputs
-from server.executors.shm_layout import plan_layout
 from server.executors.worker_channel import Channel
+from server.executors.worker_segment import SegmentViews, attached
 from server.models.loading import load_model
-
-_Views = list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]
 
 
 def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
@@ -59,12 +56,11 @@ def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return
-    segment = SharedMemory(name=attach.segment)
-    try:
+    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = {name: (*specs[name], caps[name]) for name in specs}
+    with attached(attach, layout) as views:
         if _warm_and_time(channel, setup.device_index, instances, attach.plan):
-            serve_blocking(channel, instances, segment_views(segment, setup, first, attach.slots))
-    finally:
-        segment.close()
+            serve_blocking(channel, instances, views)
 
 
 def _warm_and_time(
@@ -121,30 +117,8 @@ def _profile(instance: CudaInstance, sizes: list[int]) -> Points:
     return [(t.samples, t.median_s) for t in timings]
 
 
-def segment_views(
-    segment: SharedMemory, setup: CudaSetup, first: dict[str, CudaInstance], slots: int
-) -> _Views:
-    """Torch tensors over the shared segment, per slot and model, built once."""
-    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = plan_layout(
-        {n: (i.model.inputs, i.model.outputs, caps[n]) for n, i in first.items()}, slots
-    )
-    buf = segment.buf
-    assert buf is not None
-    return [
-        {
-            name: (
-                [torch.from_numpy(p.view(buf)) for p in places.inputs],
-                [torch.from_numpy(p.view(buf)) for p in places.outputs],
-            )
-            for name, places in region.items()
-        }
-        for region in layout.slots
-    ]
-
-
 def serve_blocking(
-    channel: Channel, instances: dict[str, list[CudaInstance]], views: _Views
+    channel: Channel, instances: dict[str, list[CudaInstance]], views: SegmentViews
 ) -> None:
     """Hands each Run to its instance's lane until Stop, then lets the lanes finish."""
     lanes = {
@@ -164,7 +138,7 @@ def serve_blocking(
 class _Lane:
     """One instance's two threads: issue (stage, copy, launch) and completion (wait, answer)."""
 
-    def __init__(self, instance: CudaInstance, views: _Views, channel: Channel) -> None:
+    def __init__(self, instance: CudaInstance, views: SegmentViews, channel: Channel) -> None:
         self.instance, self._views, self._channel = instance, views, channel
         self._device = str(instance.device)  # "cuda:N", for the messages
         self._jobs: queue.Queue[Run | None] = queue.Queue()

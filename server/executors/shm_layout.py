@@ -45,9 +45,10 @@ class Layout:
     slots: tuple[dict[str, ModelPlaces], ...]
 
 
-def plan_layout(
-    models: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], int]], slots: int
-) -> Layout:
+ModelLayout = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], int]  # inputs, outputs, cap
+
+
+def plan_layout(models: dict[str, ModelLayout], slots: int) -> Layout:
     """models: name -> (input specs, output specs, max_batch_size)."""
     offset = 0
     planned = []

@@ -3,7 +3,7 @@ its slot there before the worker is told to run it, and its outputs copied out o
 
 Event loop (main process), for the CPU pool and the CUDA executor alike; numpy, no torch. The
 worker lays out its own views with the same shm_layout.plan_layout over the same specs, sizes
-and slots, so that both sides agree by construction.
+and slots (worker_segment.py), so that both sides agree by construction.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from server.executors.base import Batch
-from server.executors.shm_layout import plan_layout
-from server.models.spec import TensorSpec
-
-ModelLayout = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], int]  # inputs, outputs, cap
+from server.executors.shm_layout import ModelLayout, plan_layout
 
 
 class Staging:
