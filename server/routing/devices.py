@@ -26,9 +26,9 @@ from server.routing import calibration as cal
 from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
 from server.routing.policy import crossover
 from server.routing.router import ReadClock, Router, Target
+from server.routing.routes import CPU, route
 
 log = logging.getLogger(__name__)
-CPU = "cpu"
 ExecutorFactory = Callable[[int, tuple[ModelConfig, ...]], CudaExecutor]
 
 
@@ -179,32 +179,11 @@ class Devices:
     def _routes(self) -> dict[str, tuple[str, ...]]:
         routes = {}
         for cfg in self._config.models:
-            gpus = tuple(g.device for g in self.gpus if cfg.name in g.specs)
-            routing = cfg.placement.routing
-            rejected = self._rejected.get(cfg.name, [])
-            if routing == "cuda" and not gpus:
-                log.warning("model %r has routing = 'cuda' but no GPU runs it: CPU", cfg.name)
-            if routing == "cuda" and gpus:
-                routes[cfg.name] = gpus
-                if rejected:
-                    log.warning(
-                        "model %r keeps routing = 'cuda' despite its rejected calibration",
-                        cfg.name,
-                    )
-            elif routing == "auto" and gpus and rejected:
-                # A choice made on costs nobody can trust could send every batch to the wrong
-                # side; the CPU alone is what the server does without a GPU, a known quantity.
-                log.error(
-                    "model %r runs on the CPU only: its calibration on %s was rejected; set "
-                    "routing = 'cuda' to use the GPU anyway, or recalibrate on a quieter machine",
-                    cfg.name,
-                    ", ".join(rejected),
-                )
-                routes[cfg.name] = (CPU,)
-            elif routing == "auto":
-                routes[cfg.name] = (CPU, *gpus)
-            else:
-                routes[cfg.name] = (CPU,)
+            gpus = [g.device for g in self.gpus if cfg.name in g.specs]
+            decided = route(cfg.name, cfg.placement.routing, gpus, self._rejected.get(cfg.name, []))
+            if decided.note:
+                log.log(logging.ERROR if decided.severe else logging.WARNING, "%s", decided.note)
+            routes[cfg.name] = decided.devices
         return routes
 
     def dispatcher_for(self, model: str) -> Dispatcher:
