@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from server.clock import Clock
 from server.config import Config, ModelConfig
 from server.executors.base import BatchFailed, Dispatcher
 from server.executors.contract import FailureKind
@@ -25,7 +26,7 @@ from server.models.info import ModelInfo
 from server.routing import calibration as cal
 from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
 from server.routing.policy import crossover
-from server.routing.router import ReadClock, Router, Target
+from server.routing.router import Router, Target
 from server.routing.routes import CPU, route
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Devices:
     def __init__(
         self,
         config: Config,
-        clock: ReadClock,
+        clock: Clock,
         probe: Callable[[], list[str]] = probe_cuda_blocking,
         executor: ExecutorFactory = CudaExecutor,
     ) -> None:
