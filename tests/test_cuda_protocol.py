@@ -30,6 +30,7 @@ from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome
 from server.executors.cpu_pool import CpuPool
 from server.executors.cuda import CudaExecutor
 from server.executors.cuda_failure import OOM_MESSAGE
+from server.http.model_listing import describe_routing
 from server.metrics import Metrics
 from server.models.builtin import reference_forward
 from server.routing.devices import Devices
@@ -225,8 +226,8 @@ async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Pa
         await devices.start(pool, infos)
         router = devices.dispatcher_for("a")
         assert isinstance(router, Router)
-        assert devices.describe("a")["devices"] == ["cpu", "cuda:0"]
-        assert devices.describe("c")["devices"] == ["cpu"]
+        assert describe_routing(devices, "a")["devices"] == ["cpu", "cuda:0"]
+        assert describe_routing(devices, "c")["devices"] == ["cpu"]
         x = np.arange(30, dtype=np.float32).reshape(3, 10) / 10
         for name, device in (("a", "cuda:0"), ("c", "cpu")):
             batch = Batch(name, [_request(3)], 3)
