@@ -1,6 +1,7 @@
 """Where each batch tensor lives in a worker's shared-memory segment.
 
-Pure data, computed by the pool and sent to the worker, so both sides agree by construction.
+Pure data, computed on both sides of the process boundary from the same specs, sizes and slots
+(staging.py on the event loop, worker_segment.py in the worker), so they agree by construction.
 A segment holds `slots` independent regions (one batch in flight per slot); each region holds
 every model's inputs and outputs at its max_batch_size.
 """

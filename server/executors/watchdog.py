@@ -1,6 +1,7 @@
 """The stuck-batch watchdog of one worker process: notices a batch running far past its time
-limit (`workers.batch_timeout_s`), so that its executor kills the worker and retries the batch
-elsewhere, as for a worker that died; and says which workers are stalled, for /readyz.
+limit (`workers.batch_timeout_s`), so that its link (worker_link.py) kills the worker and its
+executor handles the batch as for a worker that died; and says which workers are stalled, for
+/readyz. BatchLimits holds one executor's limits, shared by its workers' watchdogs.
 
 Event loop only. One timer per worker, armed when a batch starts and none is armed, and re-armed
 lazily when it fires: a finished batch costs nothing here, not even a cancel.
