@@ -139,9 +139,6 @@ class CpuPool:
         self._workers[index] = _Worker(link, started)
         setup = WorkerSetup(index, self._configs, self._threads)
         link.start(run_cpu_worker, setup, f"microbatch-cpu-{index}")
-        log.info(
-            "started CPU worker %d (pid %s)", index, link.process.pid if link.process else None
-        )
 
     # Dispatcher protocol -------------------------------------------------------------------
     def free_slots(self, model: str) -> int:
