@@ -2,7 +2,8 @@
 setups a worker is spawned with, every message either side sends, and the kinds of failure.
 
 Both sides import this module and neither imports the other; no torch, no asyncio. A message
-is a msgpack array of plain values, [tag, *fields], written and read only here:
+is a msgpack array of plain values, [tag, *fields], written and read only here (slotted, not
+frozen: Run and Done are built twice per batch each, and a frozen one costs four times as much):
     worker -> server   Loaded | LoadFailed          (the models loaded and warmed up, or not)
     server -> worker   Attach                       (the shared segment; sizes to time)
     worker -> server   Ready                        (the timings)
@@ -63,7 +64,7 @@ def _specs(raw: list[Any]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_wire(s) for s in raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Loaded:
     """Every model that loaded and warmed up, with its tensors; a CPU worker also names those
     that failed (the pool decides whether to serve without them)."""
@@ -87,7 +88,7 @@ class Loaded:
         return cls(str(device_name), models, {str(n): str(why) for n, why in failed})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LoadFailed:
     """No model could be loaded (or a GPU's warm-up failed); the worker then exits."""
 
@@ -102,7 +103,7 @@ class LoadFailed:
         return cls(str(fields[1]))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attach:
     """The worker's shared-memory segment (laid out by shm_layout.plan_layout for these models
     and `slots`), and the batch sizes to time per model before it reports ready."""
@@ -121,7 +122,7 @@ class Attach:
         return cls(str(segment), int(slots), {str(k): [int(n) for n in v] for k, v in plan.items()})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ready:
     """Attached and timed: each planned model's points; a GPU's batch caps and log notes."""
 
@@ -144,7 +145,7 @@ class Ready:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Run:
     """Run the batch staged in `slot`: its first `samples` rows of the model's inputs."""
 
@@ -162,7 +163,7 @@ class Run:
         return cls(fields[1], fields[2], fields[3], fields[4])  # the hot path: no conversions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done:
     """The batch's outputs are in its slot. `cap`: the largest batch the device now runs in
     one go (a GPU lowers it after running out of memory); 0 from a CPU worker."""
@@ -180,7 +181,7 @@ class Done:
         return cls(fields[1], fields[2], fields[3])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Failed:
     """The batch failed, and why. After FailureKind.DEVICE the worker exits."""
 
@@ -197,7 +198,7 @@ class Failed:
         return cls(int(fields[1]), FailureKind(fields[2]), str(fields[3]))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stop:
     """Finish and exit (a GPU worker first lets its batches in flight complete)."""
 
