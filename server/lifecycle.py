@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from server.batching.queue import BatchQueue
 from server.clock import MonotonicClock
 from server.config import Config
+from server.cost_gauges import register_cost_gauges
 from server.drain import drain, stop_serving
 from server.executors.cpu_pool import CpuPool, PoolStartError
 from server.http.app import create_server
@@ -60,7 +61,7 @@ async def serve(config: Config) -> int:
         if not await _start_pool(state, pool, stop, devices):
             return 0 if stop.is_set() and state.phase is not Phase.FAILED else 1
         _register_gauges(state, pool)
-        devices.register_gauges(state.metrics)
+        register_cost_gauges(state.metrics, devices)
         devices.watch_batches(state.metrics)
         state.phase = Phase.READY
         log.info("ready: serving %s", ", ".join(state.endpoints))
