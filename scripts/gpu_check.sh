@@ -94,8 +94,9 @@ with start_server("--model", "mlp", timeout_s=60) as server:
         if line.startswith(("microbatch_batches_total", "microbatch_cost_", "microbatch_batch_cap"))
     ]
     log = server.log()
+WATCHED = ("server.routing", "server.executors.cuda", "server.executors.worker_link")
 print(json.dumps(summary, indent=1))
-print("\n".join(l for l in log.splitlines() if "server.routing" in l or "server.executors.cuda" in l))
+print("\n".join(l for l in log.splitlines() if any(s in l for s in WATCHED)))
 failures = [p for p in ("shallow", "deep") if summary[p]["ok"] != summary[p]["requests"]]
 sys.exit(1 if failures else 0)
 EOF

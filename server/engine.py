@@ -2,7 +2,7 @@
 BatchQueue per model and the ServerState the handlers read; started, drained and stopped here.
 
 Event loop (the process that owns the queues). Every front uses it the same way: the aiohttp
-server (lifecycle.py) and a Ray Serve replica (server/integrations/ray_serve/) build an Engine,
+server (lifecycle.py) and a Ray Serve replica (server/ray_serve/) build an Engine,
 `start()` it, answer requests through the path table (http/app.py, http/exchange.py), and
 `drain()` and `stop()` it. No listener, no signals and no aiohttp here.
 """
@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from server.batching.queue import BatchQueue
 from server.clock import MonotonicClock
 from server.config import Config
+from server.cost_gauges import register_cost_gauges
 from server.errors import ShuttingDown
 from server.executors.cpu_pool import CpuPool, PoolStartError
 from server.http.state import Endpoint, Phase, ServerState
@@ -52,7 +53,7 @@ class Engine:
         if not await self._start_pool(pool, stop or asyncio.Event()):
             return False
         _register_gauges(state, pool)
-        devices.register_gauges(state.metrics)
+        register_cost_gauges(state.metrics, devices)
         devices.watch_batches(state.metrics)
         state.phase = Phase.READY
         log.info("ready: serving %s", ", ".join(state.endpoints))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.executors.cuda import OOM_MESSAGE
-from server.executors.cuda_failure import FailureKind, classify, describe
+from server.executors.contract import FailureKind
+from server.executors.cuda_failure import OOM_MESSAGE, classify, describe
 
 ILLEGAL_ACCESS = (
     "CUDA error: an illegal memory access was encountered\n"

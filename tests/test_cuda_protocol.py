@@ -1,23 +1,17 @@
 """The CUDA executor and the GPU worker's serving loop, on any machine: the real CudaExecutor
-(event loop side) spawns a stand-in worker that speaks the real protocol and serves through the
-real `cuda_worker._serve_blocking` lanes, with fake model instances that compute `2 * x` on the
-CPU. Covers start-up, staging, slots per instance, results, the OOM failure, the cap report, a
-worker that dies, and a sticky CUDA error (device-lost: the worker exits, its batches go to the
-CPU). The device itself is tested in test_cuda.py."""
+(event loop side) spawns a stand-in worker (tests/gpu_standins.py) that speaks the real
+protocol and serves through the real `cuda_worker.serve_blocking` lanes, with fake model
+instances that compute `2 * x` on the CPU. Covers start-up, staging, slots per instance,
+results, the OOM failure, the cap report, a worker that dies, and a sticky CUDA error
+(device-lost: the worker exits, its batches go to the CPU). The device itself is tested in
+test_cuda.py; the contract every worker keeps, in test_worker_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -34,107 +28,28 @@ from server.config import (
 )
 from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome
 from server.executors.cpu_pool import CpuPool
-from server.executors.cuda import OOM_MESSAGE, CudaExecutor, CudaSetup
+from server.executors.cuda import CudaExecutor
+from server.executors.cuda_failure import OOM_MESSAGE
+from server.http.model_listing import describe_routing
 from server.metrics import Metrics
 from server.models.builtin import reference_forward
-from server.models.spec import TensorSpec
 from server.routing.devices import Devices
 from server.routing.router import Router
-
-SPEC = TensorSpec("input", "float32", (3,))
-OUT = TensorSpec("output", "float32", (3,))
+from tests.gpu_standins import (
+    ILLEGAL_ACCESS,
+    OUT,
+    SPEC,
+    STICKY,
+    STICKY_LATE,
+    STUCK,
+    failing_worker,
+    fake_gpu_worker,
+    standin_gpu_worker,
+)
 
 
 def _request(samples: int) -> PendingRequest:
     return PendingRequest({}, samples, False, 0.0, 1.0, None)  # type: ignore[arg-type]
-
-
-@dataclass
-class FakeModel:
-    inputs: tuple[TensorSpec, ...] = (SPEC,)
-    outputs: tuple[TensorSpec, ...] = (OUT,)
-
-
-STICKY = 555.0  # a sample with this value meets a sticky CUDA error at launch
-STICKY_LATE = 556.0  # ... or when its batch is waited on (an asynchronous kernel error)
-STUCK = 777.0  # a batch with this value stays in flight until the worker exits
-ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
-
-
-class FakePending:
-    def __init__(
-        self,
-        samples: int,
-        outputs: list[Any],
-        release: threading.Event,
-        error: BaseException | None = None,
-    ) -> None:
-        self.samples, self.outputs, self._release, self._error = samples, outputs, release, error
-
-    def wait_blocking(self) -> float:
-        self._release.wait(30.0)
-        if self._error is not None:
-            raise self._error
-        return 0.002
-
-
-class FakeInstance:
-    """2 * x on the CPU; a -1 anywhere is an OOM at one sample, a 999 kills the process, a
-    7 lowers the cap to 4 (as a split would), STICKY and STICKY_LATE raise a CUDA error, and
-    STUCK never finishes."""
-
-    device = "cuda:0"
-
-    def __init__(self, cap: Any) -> None:
-        self.model, self.cap = FakeModel(), cap
-        self.release = threading.Event()
-        self.release.set()
-
-    def bind_thread(self) -> None:
-        pass
-
-    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
-        import torch
-
-        x = inputs[0][:samples]
-        if bool((x == 999).any()):
-            os._exit(9)
-        if bool((x == -1).any()):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        if bool((x == 7).any()):
-            self.cap.lower(4)
-        if bool((x == STICKY).any()):
-            raise torch.AcceleratorError(ILLEGAL_ACCESS)
-        if bool((x == STUCK).any()):
-            return FakePending(samples, [x * 2], threading.Event())
-        late = RuntimeError(ILLEGAL_ACCESS) if bool((x == STICKY_LATE).any()) else None
-        return FakePending(samples, [x * 2], self.release, late)
-
-
-def fake_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
-    """The handshake of cuda_worker_main, with fake instances, then its real serving loop."""
-    from server.executors import cuda_worker
-    from server.executors.cuda_instance import DeviceCap
-
-    def send(message: list[Any]) -> None:
-        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
-    instances = {}
-    for cfg in setup.models:
-        cap = DeviceCap(cfg.batching.max_batch_size)  # shared by the model's instances
-        instances[cfg.name] = [FakeInstance(cap) for _ in range(cfg.placement.cuda_instances)]
-    wire = [[n, [SPEC.to_wire()], [OUT.to_wire()]] for n in instances]
-    send(["loaded", "Fake GPU", wire])
-    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    segment = SharedMemory(name=segment_name)
-    first = {name: group[0] for name, group in instances.items()}
-    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
-    timings = {name: [[n, 0.001 + 1e-5 * n] for n in sizes] for name, sizes in plan.items()}
-    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, ["a note"]])
-    try:
-        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
-    finally:
-        segment.close()
 
 
 def models(instances: int = 2) -> tuple[ModelConfig, ...]:
@@ -241,7 +156,7 @@ async def test_a_sticky_cuda_error_loses_the_device_not_the_batch() -> None:
         assert executor.in_flight() == 0
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == 3  # it exited
+    assert executor.process is not None and executor.process.exitcode == 3  # it exited
 
 
 async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
@@ -253,7 +168,7 @@ async def test_a_sticky_error_seen_when_waiting_also_loses_the_device() -> None:
         assert ILLEGAL_ACCESS in outcome.message and not executor.alive()
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == 3
+    assert executor.process is not None and executor.process.exitcode == 3
 
 
 async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None:
@@ -271,67 +186,7 @@ async def test_a_stuck_batch_has_the_gpu_worker_killed_by_the_watchdog() -> None
         assert executor.unavailable() == "cuda:0 is out of service"
     finally:
         await executor.stop()
-    assert executor._process is not None and executor._process.exitcode == -9  # SIGKILL
-
-
-def failing_worker(conn: Connection, setup: CudaSetup) -> None:
-    conn.send_bytes(msgpack.packb(["load_failed", "cuda:0: no CUDA device here"]))
-
-
-class CpuStandIn:
-    """A "GPU" instance that runs the real model on the CPU, 1 microsecond per batch; a
-    STICKY value meets a sticky CUDA error instead."""
-
-    device = "cuda:0"
-
-    def __init__(self, cfg: ModelConfig, cap: Any) -> None:
-        from server.models.loading import load_model
-
-        self.model, self.cap = load_model(cfg), cap
-
-    def bind_thread(self) -> None:
-        pass
-
-    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
-        import torch
-
-        if bool((inputs[0][:samples] == STICKY).any()):
-            raise RuntimeError(ILLEGAL_ACCESS)
-        with torch.inference_mode():
-            result = self.model.run([t[:samples] for t in inputs])
-        outputs = [result[spec.name].clone() for spec in self.model.outputs]
-        ready = threading.Event()
-        ready.set()
-        pending = FakePending(samples, outputs, ready)
-        pending.wait_blocking = lambda: 1e-6  # type: ignore[method-assign]
-        return pending
-
-
-def standin_gpu_worker(conn: Connection, setup: CudaSetup) -> None:
-    from server.executors import cuda_worker
-    from server.executors.cuda_instance import DeviceCap
-
-    def send(message: list[Any]) -> None:
-        conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
-    instances = {
-        cfg.name: [CpuStandIn(cfg, DeviceCap(cfg.batching.max_batch_size))] for cfg in setup.models
-    }
-    first = {name: group[0] for name, group in instances.items()}
-    wire = [
-        [n, [s.to_wire() for s in i.model.inputs], [s.to_wire() for s in i.model.outputs]]
-        for n, i in first.items()
-    ]
-    send(["loaded", "Stand-in GPU", wire])
-    _, segment_name, slots, plan = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    segment = SharedMemory(name=segment_name)
-    views = cuda_worker._views(segment, setup, first, slots)  # type: ignore[arg-type]
-    timings = {name: [[n, 1e-6] for n in sizes] for name, sizes in plan.items()}
-    send(["ready", timings, {n: i.cap.value for n, i in first.items()}, []])
-    try:
-        cuda_worker._serve_blocking(conn, send, instances, views)  # type: ignore[arg-type]
-    finally:
-        segment.close()
+    assert executor.process is not None and executor.process.exitcode == -9  # SIGKILL
 
 
 def stand_in_config(tmp_path: Path) -> Config:
@@ -371,8 +226,8 @@ async def test_devices_route_between_a_real_pool_and_a_stand_in_gpu(tmp_path: Pa
         await devices.start(pool, infos)
         router = devices.dispatcher_for("a")
         assert isinstance(router, Router)
-        assert devices.describe("a")["devices"] == ["cpu", "cuda:0"]
-        assert devices.describe("c")["devices"] == ["cpu"]
+        assert describe_routing(devices, "a")["devices"] == ["cpu", "cuda:0"]
+        assert describe_routing(devices, "c")["devices"] == ["cpu"]
         x = np.arange(30, dtype=np.float32).reshape(3, 10) / 10
         for name, device in (("a", "cuda:0"), ("c", "cpu")):
             batch = Batch(name, [_request(3)], 3)

@@ -9,8 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.executors.cuda import OOM_MESSAGE
-from server.executors.cuda_failure import describe
+from server.executors.cuda_failure import OOM_MESSAGE, describe
 from server.executors.cuda_instance import DeviceCap, is_oom, run_in_chunks
 
 

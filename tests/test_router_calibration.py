@@ -23,15 +23,17 @@ from server.config import (
     ServerSettings,
     WorkersConfig,
 )
+from server.cost_gauges import register_cost_gauges
 from server.executors.base import Batch, DoneCallback
 from server.executors.cuda import CudaStartError
+from server.executors.profiling import calibration_sizes, time_sizes_blocking
+from server.http.model_listing import describe_routing
 from server.metrics import Metrics
 from server.models.info import ModelInfo
 from server.models.spec import TensorSpec
 from server.routing import calibration as cal
 from server.routing.cost import CostFit
 from server.routing.devices import Devices
-from server.routing.profiling import time_sizes_blocking
 from server.routing.router import Router
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def line(fixed_s: float, per_sample_s: float, sizes: Sequence[int]) -> list[tupl
     [(1, [1]), (2, [1, 2]), (32, [1, 2, 4, 8, 16, 32]), (48, [1, 2, 4, 8, 16, 32, 48])],
 )
 def test_calibration_sizes_double_up_to_the_cap(cap: int, sizes: list[int]) -> None:
-    assert cal.calibration_sizes(cap) == sizes
+    assert calibration_sizes(cap) == sizes
 
 
 def model(name: str = "m", path: str = "builtin:mlp", **placement: Any) -> ModelConfig:
@@ -284,7 +286,7 @@ async def test_without_a_gpu_the_pool_serves_directly_and_says_so_once(
     assert caplog.text.count("no CUDA GPU found; running CPU-only") == 1
     assert probes == [1]
     assert devices.dispatcher_for("m") is pool  # no router in the path: nothing changes
-    shown = devices.describe("m")
+    shown = describe_routing(devices, "m")
     assert shown["devices"] == ["cpu"] and shown["crossover_batch_size"] is None
     assert shown["costs"]["cpu"]["fixed_ms"] == pytest.approx(0.1)
     assert shown["costs"]["cpu"]["per_sample_ms"] == pytest.approx(0.1)
@@ -316,15 +318,15 @@ async def test_a_gpu_joins_the_router_with_its_own_calibration(tmp_path: Path) -
     assert [m.name for m in made[0].models] == ["a", "g"]  # routing = "cpu" stays off the GPU
     assert isinstance(devices.dispatcher_for("a"), Router)
     assert isinstance(devices.dispatcher_for("c"), Router)  # its CPU backlog counts for others
-    assert devices.describe("a")["devices"] == ["cpu", "cuda:0"]
-    assert devices.describe("c")["devices"] == ["cpu"]
-    assert devices.describe("g")["devices"] == ["cuda:0"]
+    assert describe_routing(devices, "a")["devices"] == ["cpu", "cuda:0"]
+    assert describe_routing(devices, "c")["devices"] == ["cpu"]
+    assert describe_routing(devices, "g")["devices"] == ["cuda:0"]
     # 0.1 + 0.1 n against 0.5 + 0.01 n: the GPU wins from n = 5 (4.4 rounded up).
-    assert devices.describe("a")["crossover_batch_size"] == 5
+    assert describe_routing(devices, "a")["crossover_batch_size"] == 5
     cached = cal.load_cache_blocking(str(tmp_path / "cal.json"))
     assert sum("cuda/Fake GPU" in k for k in cached) == 2 and len(cached) == 5
     metrics = Metrics()
-    devices.register_gauges(metrics)
+    register_cost_gauges(metrics, devices)
     text = metrics.render().decode()
     assert 'microbatch_cost_fixed_seconds{device="cuda:0",kind="current",model="a"} 0.0005' in text
     assert 'microbatch_batch_cap{device="cuda:0",model="g"} 32.0' in text
@@ -380,7 +382,7 @@ async def test_a_gpu_that_sees_other_tensors_is_left_out_for_that_model(tmp_path
     await devices.prepare(threads=1)
     other = {"m": ModelInfo("m", SPEC_OUT, SPEC_OUT, m.batching)}  # the CPU saw other inputs
     await devices.start(FakePool({"m": line(0.1e-3, 0.1e-3, [1, 2])}), other)  # type: ignore[arg-type]
-    assert devices.describe("m")["devices"] == ["cpu"]
+    assert describe_routing(devices, "m")["devices"] == ["cpu"]
 
 
 def wild(sizes: Sequence[int]) -> list[tuple[int, float]]:
@@ -399,8 +401,8 @@ async def test_a_rejected_gpu_calibration_keeps_its_model_on_the_cpu(
     await devices.start(pool, infos(auto, forced))  # type: ignore[arg-type]
     # Routing on that fit would send batches wherever its errors point: the safe default is
     # the CPU alone, as without a GPU. A user who forced the GPU keeps it.
-    assert devices.describe("a")["devices"] == ["cpu"]
-    assert devices.describe("g")["devices"] == ["cuda:0"]
+    assert describe_routing(devices, "a")["devices"] == ["cpu"]
+    assert describe_routing(devices, "g")["devices"] == ["cuda:0"]
     assert "calibration of 'a' on cuda/Fake GPU rejected: its fit is" in caplog.text
     assert "model 'a' runs on the CPU only: its calibration on cuda/Fake GPU was rejected" in (
         caplog.text
@@ -421,7 +423,7 @@ async def test_a_calibration_with_an_outlier_is_refitted_without_it_and_not_cach
     points[3] = (8, 0.1e-3)  # a size that ran 9x too fast: it would pull the fit to itself
     await devices.start(FakePool({"m": points}), infos(m))  # type: ignore[arg-type]
     assert "refitted without the outlier(s) (8, 0.000100)" in caplog.text
-    costs = devices.describe("m")["costs"]["cpu"]
+    costs = describe_routing(devices, "m")["costs"]["cpu"]
     assert costs["calibrated_fixed_ms"] == pytest.approx(0.1)
     assert costs["calibrated_per_sample_ms"] == pytest.approx(0.1)
     assert cal.load_cache_blocking(str(tmp_path / "cal.json")) == {}
@@ -438,7 +440,7 @@ async def test_metrics_show_the_calibrated_and_the_current_costs(tmp_path: Path)
     for _ in range(30):  # what the router's finished batches feed it: 2 ms per full batch
         router._costs[("m", "cuda:0")].observe(32, 2e-3)
     metrics = Metrics()
-    devices.register_gauges(metrics)
+    register_cost_gauges(metrics, devices)
     text = metrics.render().decode()
 
     def gauge(name: str, device: str, kind: str) -> float:

@@ -96,8 +96,8 @@ def _measure_all(
 ) -> tuple[list[Measurement], dict[str, Any]]:
     import torch
 
+    from server.executors.profiling import time_sizes_blocking
     from server.models.loading import load_model
-    from server.routing.profiling import time_sizes_blocking
 
     model = load_model(cfg)
     batches = {n: _batch(model.inputs, n, source) for n in sizes}
@@ -136,8 +136,8 @@ def _measure_gpu(
     import torch
 
     from server.executors.cuda_instance import CudaInstance, DeviceCap
+    from server.executors.profiling import time_sizes_blocking
     from server.models.loading import load_model
-    from server.routing.profiling import time_sizes_blocking
 
     biggest = max(sizes)
     device = torch.device("cuda", index)

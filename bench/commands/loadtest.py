@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.loadgen.lengths import LengthDist
 from bench.loadgen.plan import CLOSED, OPEN, LoadPlan
 from bench.loadgen.schedule import closed_loop_phases, open_loop_phases
 from server.config import ConfigError
@@ -39,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--input", metavar="FILE.npy", help="samples to send (default: random)")
     p.add_argument("--samples-per-request", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--lengths",
+        metavar="DIST",
+        help="for a model that takes any length (-1 in its shape): the lengths sent, "
+        "fixed:L, uniform:LO:HI or pareto:LO:HI[:ALPHA] (long-tailed)",
+    )
     p.add_argument("--timeout-ms", type=float, help="deadline sent with each request")
     p.add_argument(
         "--client-timeout-s", type=float, default=30.0, help="give up on a request after this"
@@ -89,7 +96,20 @@ def plan_from_args(args: argparse.Namespace) -> LoadPlan:
         connections=args.connections,
         input_path=args.input,
         seed=args.seed,
+        lengths=_lengths(args.lengths),
     )
+
+
+def _lengths(text: str | None) -> LengthDist | None:
+    from bench.loadgen.errors import LoadGenError
+    from bench.loadgen.lengths import parse_lengths
+
+    if text is None:
+        return None
+    try:
+        return parse_lengths(text)
+    except LoadGenError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from bench.loadgen.payload import Bodies
 from bench.loadgen.plan import OPEN, LoadPlan
 from bench.loadgen.record import (
     CLIENT_TIMEOUT,
@@ -47,14 +48,15 @@ class Sender:
         transport: Transport,
         address: Address,
         path: str,
-        body: bytes,
+        bodies: Bodies,
         timeout_s: float,
         start_at: float,
         tally: Tally,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._transport, self._address, self._path = transport, address, path
-        self._body, self._timeout_s = body, timeout_s
+        self._bodies, self._timeout_s = bodies, timeout_s
+        self._sent = 0  # the bodies are sent in turn (one, unless lengths vary)
         self._start_at, self._tally, self._clock = start_at, tally, clock
         self.records: list[RequestRecord] = []
 
@@ -69,12 +71,14 @@ class Sender:
 
     async def send(self, phase: int, scheduled_s: float, dispatched_s: float) -> None:
         sent_s = self.now_s()
+        body = self._bodies[self._sent % len(self._bodies)]
+        self._sent += 1
         try:
             reply = await self._transport.request(
                 self._address,
                 "POST",
                 self._path,
-                body=self._body,
+                body=body,
                 headers=MSGPACK_HEADERS,
                 timeout_s=self._timeout_s,
             )
@@ -181,7 +185,7 @@ class PartResult(NamedTuple):
 
 async def run_part(
     plan: LoadPlan,
-    body: bytes,
+    bodies: Bodies,
     schedule: Schedule | None,
     clients: int,
     start_at: float,
@@ -204,7 +208,7 @@ async def run_part(
             transport,
             target,
             infer_path(plan.model),
-            body,
+            bodies,
             plan.client_timeout_s,
             start_at,
             tally,

@@ -1,7 +1,7 @@
 """Runs a load plan in this process or in several generator processes, and gathers the records.
 
 CLI process (main thread) plus, with --processes N > 1, N spawned worker processes. Only plain
-data crosses: the plan, the body bytes, a slice of the schedule in; records or an error text
+data crosses: the plan, the request bodies, a slice of the schedule in; records or an error text
 out. All processes share one start time on the system-wide monotonic clock (CLOCK_MONOTONIC),
 set once every worker has reported ready, so that their schedules interleave as planned.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from bench.loadgen.driver import PartResult, run_part
 from bench.loadgen.errors import LoadGenError
+from bench.loadgen.payload import Bodies
 from bench.loadgen.plan import LoadPlan
 from bench.loadgen.record import RequestRecord
 from bench.loadgen.schedule import Schedule, split_schedule
@@ -73,13 +74,13 @@ class RunResult(NamedTuple):
 
 
 def run_load_blocking(
-    plan: LoadPlan, body: bytes, schedule: Schedule | None, bar: ProgressBar
+    plan: LoadPlan, bodies: Bodies, schedule: Schedule | None, bar: ProgressBar
 ) -> RunResult:
     try:
         if plan.processes <= 1:
-            part = _run_here(plan, body, schedule, bar)
+            part = _run_here(plan, bodies, schedule, bar)
             return RunResult(part.records, [part.cpu_fraction])
-        parts = _run_in_processes(plan, body, schedule, bar)
+        parts = _run_in_processes(plan, bodies, schedule, bar)
         records = [record for part in parts for record in part.records]
         return RunResult(records, [part.cpu_fraction for part in parts])
     finally:
@@ -87,7 +88,7 @@ def run_load_blocking(
 
 
 def _run_here(
-    plan: LoadPlan, body: bytes, schedule: Schedule | None, bar: ProgressBar
+    plan: LoadPlan, bodies: Bodies, schedule: Schedule | None, bar: ProgressBar
 ) -> PartResult:
     tally = LocalTally()
 
@@ -101,7 +102,7 @@ def _run_here(
 
         progress = asyncio.create_task(show())
         try:
-            return await run_part(plan, body, schedule, plan.concurrency, start_at, tally)
+            return await run_part(plan, bodies, schedule, plan.concurrency, start_at, tally)
         finally:
             progress.cancel()
 
@@ -109,7 +110,7 @@ def _run_here(
 
 
 def _run_in_processes(
-    plan: LoadPlan, body: bytes, schedule: Schedule | None, bar: ProgressBar
+    plan: LoadPlan, bodies: Bodies, schedule: Schedule | None, bar: ProgressBar
 ) -> list[PartResult]:
     n = plan.processes
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
@@ -122,7 +123,7 @@ def _run_in_processes(
     workers = [
         ctx.Process(
             target=_worker_blocking,
-            args=(k, plan, body, parts[k], clients[k], counters, results, go, start_at),
+            args=(k, plan, bodies, parts[k], clients[k], counters, results, go, start_at),
             daemon=True,
         )
         for k in range(n)
@@ -186,7 +187,7 @@ def _check_alive(workers: list[Any], found: dict[int, Any], quiet: int) -> None:
 def _worker_blocking(
     k: int,
     plan: LoadPlan,
-    body: bytes,
+    bodies: Bodies,
     schedule: Schedule | None,
     clients: int,
     counters: Any,
@@ -201,7 +202,7 @@ def _worker_blocking(
             return
         tally = SharedTally(counters, k)
         part = run_on_loop(
-            lambda: run_part(plan, body, schedule, clients, float(start_at.value), tally)
+            lambda: run_part(plan, bodies, schedule, clients, float(start_at.value), tally)
         )
         results.put(("done", k, part))
     except Exception as exc:  # the worker's boundary: the error travels as text

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.loadgen.fanout import run_load_blocking, run_on_loop
 from bench.loadgen.markdown import LATENCY_KEYS, generator_warning, number, report_markdown
-from bench.loadgen.payload import build_body
+from bench.loadgen.payload import build_bodies
 from bench.loadgen.plan import OPEN, LoadPlan
 from bench.loadgen.progress import ProgressBar
 from bench.loadgen.record import RequestRecord
@@ -28,14 +28,22 @@ from bench.loadgen.target import fetch_input_specs, parse_target
 def run_loadtest(plan: LoadPlan, bar: ProgressBar) -> tuple[dict[str, Any], list[RequestRecord]]:
     target = parse_target(plan.url)
     specs = run_on_loop(lambda: fetch_input_specs(target, plan.model))
-    body = build_body(specs, plan.samples_per_request, plan.input_path, plan.timeout_ms, plan.seed)
+    bodies = build_bodies(
+        specs,
+        plan.samples_per_request,
+        plan.input_path,
+        plan.timeout_ms,
+        plan.seed,
+        plan.lengths,
+    )
     schedule = build_schedule(plan.phases, plan.arrivals, plan.seed) if plan.mode == OPEN else None
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")  # a label, not a duration
-    records, cpu_fractions = run_load_blocking(plan, body, schedule, bar)
+    records, cpu_fractions = run_load_blocking(plan, bodies, schedule, bar)
     meta = {
         "tool": "microbatch loadtest",
         "started": started,
-        "body_bytes": len(body),
+        "body_bytes": len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies)) / len(bodies),
+        "lengths": plan.lengths.describe() if plan.lengths else None,
         "inputs": [spec.to_wire() for spec in specs],
         "host": platform.node(),
         "cpus": os.cpu_count(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bench.loadgen.lengths import LengthDist
 from bench.loadgen.schedule import Phase
 
 OPEN = "open"
@@ -28,6 +29,7 @@ class LoadPlan:
     processes: int = 1
     connections: int = 256  # keep-alive connections per generator process, at most
     input_path: str | None = None  # a .npy file; None = random inputs of the model's shape
+    lengths: LengthDist | None = None  # a dynamic-length model: the lengths sent
     seed: int = 0
     lag_threshold_ms: float = 10.0
 

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from server.batching.pending import PendingRequest
+from server.executors.contract import FailureKind
 
 
 @dataclass(slots=True, eq=False)
@@ -30,17 +31,49 @@ class BatchDone:
     device: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class BatchFailed:
-    code: str  # an ErrorCode value
+    """code: the ErrorCode value the requests get; kind: why, which decides what happens next:
+    the batcher bisects a batch the model raised on (model_raised: smaller sub-batches may
+    isolate the request(s) that cause it, batching/bisection.py); the router runs a batch whose
+    device failed under it elsewhere, whatever its attempts (device_lost: the batch may well be
+    innocent), and one that ran out of GPU memory elsewhere once (routing/router.py)."""
+
+    code: str
     message: str
-    # The model itself raised on these inputs (not a dead worker, not a shutdown): smaller
-    # sub-batches may isolate the request(s) that cause it (batching/bisection.py).
-    model_raised: bool = False
-    # The executor's device failed (a sticky CUDA error): the batch may well be innocent, so
-    # the router runs it on another executor whatever its attempts (routing/router.py).
-    device_lost: bool = False
-    device: str = ""  # where it failed, for the metrics ("" where it never reached one)
+    kind: FailureKind
+    device: str  # where it failed, for the metrics ("" where it never reached one)
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        kind: FailureKind = FailureKind.WORKER,
+        device: str = "",
+        *,
+        model_raised: bool = False,
+        device_lost: bool = False,
+    ) -> None:
+        # model_raised / device_lost: shorthands for FailureKind.MODEL / DEVICE.
+        if model_raised:
+            kind = FailureKind.MODEL
+        if device_lost:
+            kind = FailureKind.DEVICE
+        for name, value in (
+            ("code", code),
+            ("message", message),
+            ("kind", kind),
+            ("device", device),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def model_raised(self) -> bool:
+        return self.kind is FailureKind.MODEL or self.kind is FailureKind.OUT_OF_MEMORY
+
+    @property
+    def device_lost(self) -> bool:
+        return self.kind is FailureKind.DEVICE
 
 
 BatchOutcome = BatchDone | BatchFailed

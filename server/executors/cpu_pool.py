@@ -1,42 +1,39 @@
-"""The CPU worker pool, seen from the event loop: spawns worker processes, stages each batch in
-the worker's shared memory, and reads results through loop.add_reader (no threads).
+"""The CPU worker pool, seen from the event loop: one worker link (worker_link.py) per worker
+process, each batch staged in its worker's shared memory (staging.py).
 
-Event loop only; never imports torch (the workers do). A dead worker is replaced; its batches
-are retried once on another worker, then failed with model_error, so no request goes unanswered.
-A worker whose batch runs past workers.batch_timeout_s (watchdog.py) is killed, and the same.
+Event loop only; never imports torch (the workers do). The policy is this module's: a dead worker
+is replaced, and its batches are retried once on another worker, then failed with model_error,
+so no request goes unanswered. A worker whose batch runs past workers.batch_timeout_s is killed
+by its link's watchdog, and the same follows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
-import multiprocessing
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
-from typing import Any
-
-import msgpack
-import numpy as np
 
 from server.config import ModelConfig
 from server.errors import ErrorCode
 from server.executors.base import Batch, BatchDone, BatchFailed, DoneCallback
-from server.executors.framing import FrameReader
-from server.executors.reaper import reap
-from server.executors.shm_layout import ModelPlaces, plan_layout
-from server.executors.watchdog import Watchdog
-from server.executors.worker_entry import WorkerSetup, run_worker
+from server.executors.contract import (
+    Attach,
+    Done,
+    Failed,
+    FailureKind,
+    Loaded,
+    LoadFailed,
+    Ready,
+    WorkerSetup,
+)
+from server.executors.staging import Staging
+from server.executors.watchdog import BatchLimits
+from server.executors.worker_entry import run_cpu_worker
+from server.executors.worker_link import Flight, WorkerLink
 from server.metrics import Metrics
 from server.models.info import ModelInfo
-from server.models.spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,43 +49,22 @@ class PoolStartError(RuntimeError):
     pass
 
 
-class _InFlight:
-    __slots__ = ("batch", "done", "slot", "started_at", "timed_out")
-
-    def __init__(self, batch: Batch, done: DoneCallback, slot: int) -> None:
-        self.batch, self.done, self.slot = batch, done, slot
-        self.started_at = time.monotonic()
-        self.timed_out = False  # the watchdog killed its worker
-
-    @property
-    def model(self) -> str:
-        return self.batch.model
-
-
 class _Worker:
-    def __init__(
-        self, index: int, process: BaseProcess, conn: Connection, watchdog: Watchdog[_InFlight]
-    ) -> None:
-        self.index = index
-        self.watchdog = watchdog
-        self.process = process
-        self.conn = conn
-        self.ready = False
-        self.alive = True
-        self.slots: list[_InFlight | None] = [None] * SLOTS_PER_WORKER
-        self.by_seq: dict[int, _InFlight] = {}
-        self.started: asyncio.Future[None] | None = None
-        self.frames = FrameReader()
+    """One worker as the pool keeps it: its link, which of its slots are busy, its start-up."""
+
+    def __init__(self, link: WorkerLink, started: asyncio.Future[None] | None) -> None:
+        self.link = link
+        self.busy_slots = [False] * SLOTS_PER_WORKER
+        self.started = started  # until the pool has started: the worker's start-up
 
     def free_slot(self) -> int | None:
-        for i, used in enumerate(self.slots):
-            if used is None:
-                return i
-        return None
+        if not self.link.ready or all(self.busy_slots):
+            return None
+        return self.busy_slots.index(False)
 
     @property
     def busy(self) -> int:
-        return SLOTS_PER_WORKER - self.slots.count(None)
+        return sum(self.busy_slots)
 
 
 class CpuPool:
@@ -109,21 +85,16 @@ class CpuPool:
         self._size = workers
         self._threads = threads
         self._metrics = metrics
-        self._ctx = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
-        self._segments: dict[int, SharedMemory] = {}
-        self._places: list[dict[str, ModelPlaces]] | None = None
-        self._views: dict[int, list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]]] = {}
+        self._staging: dict[int, Staging] = {}  # by worker index, kept for its replacements
         self.models: dict[str, ModelInfo] = {}
         self.missing: dict[str, str] = {}  # model -> why it failed to load or warm up
         self._listeners: list[Callable[[], None]] = []
         self._retry: deque[tuple[Batch, DoneCallback]] = deque()
-        self._seq = itertools.count()
         self._stopping = False
         self._failures: dict[int, int] = {}
         self._started = False  # after start(): a worker that fails is replaced, not fatal
-        self._batch_timeouts: dict[str, float] = {}  # none until set: start-up is not watched
-        self._on_timeout: Callable[[str], None] = lambda model: None
+        self._limits = BatchLimits()
 
     # Start and stop ------------------------------------------------------------------------
     async def start(self, timeout_s: float) -> dict[str, ModelInfo]:
@@ -134,7 +105,7 @@ class CpuPool:
         try:
             await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
         except asyncio.TimeoutError:
-            late = [w.index for w in self._workers.values() if not w.ready]
+            late = [i for i, w in self._workers.items() if not w.link.ready]
             raise PoolStartError(
                 f"CPU workers {late} were not ready after {timeout_s:.0f} s "
                 "(workers.start_timeout_s)"
@@ -148,48 +119,32 @@ class CpuPool:
     async def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
         for worker in list(self._workers.values()):
-            self._fail_in_flight(worker, ErrorCode.SHUTTING_DOWN, "the server stopped")
-            if worker.alive:
-                self._close_worker(worker, send_stop=True)
-        procs = [w.process for w in self._workers.values()]
-        await asyncio.gather(*(asyncio.to_thread(p.join, timeout_s) for p in procs))
-        for proc in procs:
-            if proc.is_alive():
-                log.warning("worker pid %s did not stop in %.0f s; killing it", proc.pid, timeout_s)
-                proc.kill()
-                proc.join(1.0)
-        for segment in self._segments.values():
-            segment.close()
-            segment.unlink()
-        self._segments.clear()
+            for flight in worker.link.take_flights():
+                failed = BatchFailed(
+                    ErrorCode.SHUTTING_DOWN.value,
+                    "the server stopped",
+                    FailureKind.STOPPED,
+                    self.device,
+                )
+                flight.done(flight.batch, failed)
+            worker.link.close(stop=True)
+        await asyncio.gather(*(w.link.join(timeout_s) for w in self._workers.values()))
+        for staging in self._staging.values():
+            staging.close()
+        self._staging.clear()
 
     def _spawn(self, index: int) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        link = WorkerLink(f"CPU worker {index}", index, self, self._limits)
+        started = None if self._started else asyncio.get_running_loop().create_future()
+        self._workers[index] = _Worker(link, started)
         setup = WorkerSetup(index, self._configs, self._threads)
-        process = self._ctx.Process(
-            target=run_worker,
-            args=(child_conn, setup),
-            name=f"microbatch-cpu-{index}",
-            daemon=True,
-        )
-        process.start()
-        # Our copy of the child's end must go, or its death would never read as EOF here.
-        child_conn.close()
-        worker = _Worker(
-            index, process, parent_conn, Watchdog[_InFlight](lambda: self._on_stuck(worker))
-        )
-        worker.watchdog.watch(self._batch_timeouts, worker.by_seq.values)
-        if not self._started:
-            worker.started = asyncio.get_running_loop().create_future()
-        self._workers[index] = worker
-        asyncio.get_running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker)
-        log.info("started CPU worker %d (pid %s)", index, process.pid)
+        link.start(run_cpu_worker, setup, f"microbatch-cpu-{index}")
 
     # Dispatcher protocol -------------------------------------------------------------------
     def free_slots(self, model: str) -> int:
         if self._retry:
             return 0  # batches of crashed workers go first
-        return sum(w.slots.count(None) for w in self._workers.values() if w.ready)
+        return sum(w.busy_slots.count(False) for w in self._workers.values() if w.link.ready)
 
     def hold_for_fill(self, model: str) -> bool:
         return False
@@ -199,7 +154,7 @@ class CpuPool:
 
     def dispatch(self, batch: Batch, done: DoneCallback) -> None:
         worker = min(
-            (w for w in self._workers.values() if w.ready and w.free_slot() is not None),
+            (w for w in self._workers.values() if w.free_slot() is not None),
             key=lambda w: w.busy,
             default=None,
         )
@@ -208,264 +163,144 @@ class CpuPool:
             return
         slot = worker.free_slot()
         assert slot is not None
-        self._stage_inputs(worker.index, slot, batch)
-        seq = next(self._seq)
-        flight = _InFlight(batch, done, slot)
-        worker.slots[slot] = flight
-        worker.by_seq[seq] = flight
-        batch.attempts += 1
-        try:
-            self._send(worker, ["run", seq, slot, batch.model, batch.samples])
-        except OSError:
-            self._on_death(worker)
-            return
-        worker.watchdog.started()
-
-    def _stage_inputs(self, index: int, slot: int, batch: Batch) -> None:
-        inputs, _ = self._views[index][slot][batch.model]
-        specs = self.models[batch.model].inputs
-        for spec, target in zip(specs, inputs, strict=True):
-            dst = target[: batch.samples]
-            arrays = [r.inputs[spec.name] for r in batch.requests]
-            # Dtypes were checked at admission; the cast to the model's dtype happens here,
-            # in the one copy into shared memory.
-            if len(arrays) == 1:
-                np.copyto(dst, arrays[0], casting="unsafe")
-            else:
-                np.concatenate(arrays, axis=0, out=dst, casting="unsafe")
+        self._staging[worker.link.index].stage(slot, batch)
+        worker.busy_slots[slot] = True
+        worker.link.run(batch, done, slot)
 
     # Worker messages -----------------------------------------------------------------------
-    def _on_readable(self, worker: _Worker) -> None:
-        # One read per wake-up, framing parsed here: Connection.poll + recv_bytes would cost
-        # three system calls per message, and system calls dominate the per-batch cost.
-        try:
-            chunk = os.read(worker.conn.fileno(), 1 << 16)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._on_death(worker)
-            return
-        for payload in worker.frames.feed(chunk):
-            if not worker.alive:
-                return
-            self._on_message(worker, msgpack.unpackb(payload, raw=False))
-
-    def _on_message(self, worker: _Worker, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == "done" or kind == "failed":
-            self._on_result(worker, message)
-        elif kind == "loaded":
-            self._on_loaded(worker, message[1], message[2] if len(message) > 2 else [])
-        elif kind == "ready":
-            worker.ready = True
-            for name, points in (message[1] if len(message) > 1 else {}).items():
-                self.calibration[str(name)] = [(int(n), float(s)) for n, s in points]
-            self._failures.pop(worker.index, None)
-            if worker.started is not None and not worker.started.done():
-                worker.started.set_result(None)
-            self._capacity_freed()
-        elif kind == "load_failed":
-            self._on_load_failed(worker, str(message[1]))
-
-    def _on_result(self, worker: _Worker, message: list[Any]) -> None:
-        flight = worker.by_seq.pop(message[1])
-        worker.slots[flight.slot] = None
+    def on_result(self, link: WorkerLink, flight: Flight, message: Done | Failed) -> None:
+        self._workers[link.index].busy_slots[flight.slot] = False
         batch = flight.batch
-        if message[0] == "done":
-            _, outputs = self._views[worker.index][flight.slot][batch.model]
-            specs = self.models[batch.model].outputs
-            result = {
-                spec.name: view[: batch.samples].copy()
-                for spec, view in zip(specs, outputs, strict=True)
-            }
+        if isinstance(message, Done):
+            outputs = self._staging[link.index].outputs(flight.slot, batch.model, batch.samples)
             # The next batch goes to the worker before this one's answers are written, so the
             # worker computes while the event loop answers.
             self._capacity_freed()
-            flight.done(batch, BatchDone(result, float(message[2]), self.device))
+            flight.done(batch, BatchDone(outputs, message.compute_s, self.device))
         else:
             # The worker reports only the model's own exceptions this way. Answered first, so
             # that the halves of a poisoned batch take the freed slot ahead of the queue.
-            failed = BatchFailed(
-                str(message[2]), str(message[3]), model_raised=True, device=self.device
-            )
-            flight.done(batch, failed)
+            code = ErrorCode.MODEL_ERROR.value
+            flight.done(batch, BatchFailed(code, message.message, message.kind, self.device))
             self._capacity_freed()
 
-    def _on_loaded(self, worker: _Worker, reported: list[Any], failed: list[Any]) -> None:
+    def on_message(self, link: WorkerLink, message: Loaded | LoadFailed | Ready) -> None:
+        worker = self._workers[link.index]
+        if isinstance(message, Loaded):
+            self._on_loaded(link, message)
+        elif isinstance(message, Ready):
+            self.calibration.update(message.timings)
+            self._failures.pop(link.index, None)
+            if worker.started is not None and not worker.started.done():
+                worker.started.set_result(None)
+            self._capacity_freed()
+        else:
+            self._on_load_failed(link, message.message)
+
+    def _on_loaded(self, link: WorkerLink, loaded: Loaded) -> None:
         batching = {cfg.name: cfg.batching for cfg in self._configs}
         infos = {
-            name: ModelInfo(
-                name,
-                tuple(TensorSpec.from_wire(s) for s in inputs),
-                tuple(TensorSpec.from_wire(s) for s in outputs),
-                batching[name],
-            )
-            for name, inputs, outputs in reported
+            name: ModelInfo(name, inputs, outputs, batching[name])
+            for name, (inputs, outputs) in loaded.models.items()
         }
         if not self.models:
             self.models = infos
-            self.missing = {str(name): str(reason) for name, reason in failed}
+            self.missing = dict(loaded.failed)
         elif infos != self.models:
             self._on_load_failed(
-                worker,
-                f"worker {worker.index} loaded other models or specs than the first worker "
+                link,
+                f"worker {link.index} loaded other models or specs than the first worker "
                 f"({sorted(infos)}, expected {sorted(self.models)})",
             )
             return
-        if worker.index not in self._segments:
-            self._create_segment(worker.index)
-        attach: list[Any] = ["attach", self._segments[worker.index].name, SLOTS_PER_WORKER]
-        if worker.index == 0 and not self._started and self._calibrate:
-            attach.append(self._calibrate)
-        self._send(worker, attach)
+        if link.index not in self._staging:
+            layout = {n: (m.inputs, m.outputs, m.batching.max_batch_size) for n, m in infos.items()}
+            self._staging[link.index] = Staging(layout, SLOTS_PER_WORKER)
+        plan = self._calibrate if link.index == 0 and not self._started else {}
+        link.send(Attach(self._staging[link.index].name, SLOTS_PER_WORKER, plan))
 
-    def _create_segment(self, index: int) -> None:
-        layout = plan_layout(
-            {n: (m.inputs, m.outputs, m.batching.max_batch_size) for n, m in self.models.items()},
-            SLOTS_PER_WORKER,
-        )
-        segment = SharedMemory(create=True, size=layout.total_bytes)
-        self._segments[index] = segment
-        buf = segment.buf
-        assert buf is not None
-        self._views[index] = [
-            {
-                name: ([p.view(buf) for p in places.inputs], [p.view(buf) for p in places.outputs])
-                for name, places in region.items()
-            }
-            for region in layout.slots
-        ]
-
-    def _on_load_failed(self, worker: _Worker, message: str) -> None:
-        log.error("CPU worker %d failed to start: %s", worker.index, message)
-        if worker.started is not None and not worker.started.done():
-            worker.started.set_exception(PoolStartError(message))
-            self._close_worker(worker, send_stop=False)
+    def _on_load_failed(self, link: WorkerLink, message: str) -> None:
+        log.error("CPU worker %d failed to start: %s", link.index, message)
+        started = self._workers[link.index].started
+        if started is not None and not started.done():
+            started.set_exception(PoolStartError(message))
+            link.close()
             return
-        self._on_death(worker)
+        link.lose()
 
     # Death and replacement -----------------------------------------------------------------
     def set_batch_timeouts(
         self, limits: Mapping[str, float], on_timeout: Callable[[str], None]
     ) -> None:
         """Watch every batch from now on: model -> seconds; on_timeout(model) counts a kill."""
-        self._batch_timeouts.clear()
-        self._batch_timeouts.update(limits)
-        self._on_timeout = on_timeout
+        self._limits.set(limits, on_timeout)
 
-    def _on_stuck(self, worker: _Worker) -> None:
-        """The watchdog: a batch ran past its limit. Its worker is killed and handled as dead
-        (replaced, the batch retried once); a kill is certain, unlike a stop request."""
-        now = time.monotonic()
-        for flight in worker.watchdog.overdue(now):
-            flight.timed_out = True
-            self._on_timeout(flight.model)
-            log.error(
-                "CPU worker %d (pid %s) has run a batch of %d samples of model %r for %.1f s, "
-                "past workers.batch_timeout_s (%.1f s); killing it",
-                worker.index,
-                worker.process.pid,
-                flight.batch.samples,
-                flight.model,
-                now - flight.started_at,
-                self._batch_timeouts[flight.model],
-            )
-        with contextlib.suppress(ProcessLookupError):
-            if worker.process.pid is not None:
-                os.kill(worker.process.pid, signal.SIGKILL)
-        self._on_death(worker)
-
-    def _on_death(self, worker: _Worker) -> None:
-        if not worker.alive:
-            return
-        self._close_worker(worker, send_stop=False)
-        reap(worker.process)
+    def on_lost(self, link: WorkerLink, flights: list[Flight]) -> None:
+        worker = self._workers[link.index]
+        worker.busy_slots = [False] * SLOTS_PER_WORKER
         if worker.started is not None and not worker.started.done():
             worker.started.set_exception(
-                PoolStartError(f"CPU worker {worker.index} exited during start-up")
+                PoolStartError(f"CPU worker {link.index} exited during start-up")
             )
             return
         if self._stopping:
             return
-        log.error("CPU worker %d (pid %s) died; replacing it", worker.index, worker.process.pid)
+        pid = link.process.pid if link.process is not None else None
+        log.error("CPU worker %d (pid %s) died; replacing it", link.index, pid)
         self._metrics.worker_restarts += 1
-        self._requeue_in_flight(worker)
-        failures = self._failures.get(worker.index, 0)
-        self._failures[worker.index] = failures + 1
+        self._retry_or_fail(flights)
+        failures = self._failures.get(link.index, 0)
+        self._failures[link.index] = failures + 1
         delay = RESPAWN_BACKOFF_S[min(failures, len(RESPAWN_BACKOFF_S) - 1)]
-        asyncio.get_running_loop().call_later(delay, self._respawn, worker.index)
+        asyncio.get_running_loop().call_later(delay, self._respawn, link.index)
         self._capacity_freed()
 
-    def _requeue_in_flight(self, worker: _Worker) -> None:
-        for flight in list(worker.by_seq.values()):
+    def _retry_or_fail(self, flights: list[Flight]) -> None:
+        for flight in flights:
             if flight.batch.attempts < MAX_ATTEMPTS:
                 self._metrics.batch_retries += 1
                 self._retry.append((flight.batch, flight.done))
-            elif flight.timed_out:
-                limit = self._batch_timeouts[flight.model]
+                continue
+            if flight.timed_out:
+                limit = self._limits.seconds[flight.model]
                 message = (
                     f"the batch ran past workers.batch_timeout_s ({limit:g} s) and its worker "
                     "was killed, twice (on retry too)"
                 )
-                flight.done(flight.batch, self._failed(message))
             else:
                 message = "the worker process died while running this batch, and again on retry"
-                flight.done(flight.batch, self._failed(message))
-        worker.by_seq.clear()
-        worker.slots = [None] * SLOTS_PER_WORKER
+            code = ErrorCode.MODEL_ERROR.value
+            flight.done(flight.batch, BatchFailed(code, message, FailureKind.WORKER, self.device))
 
     def _respawn(self, index: int) -> None:
         if not self._stopping:
             self._spawn(index)
 
-    def _close_worker(self, worker: _Worker, *, send_stop: bool) -> None:
-        worker.alive = worker.ready = False
-        worker.watchdog.stop()
-        asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-        if send_stop:
-            with contextlib.suppress(OSError):
-                self._send(worker, ["stop"])
-        worker.conn.close()
-
-    def _fail_in_flight(self, worker: _Worker, code: ErrorCode, message: str) -> None:
-        for flight in list(worker.by_seq.values()):
-            flight.done(flight.batch, BatchFailed(code.value, message, device=self.device))
-        worker.by_seq.clear()
-
-    def _failed(self, message: str) -> BatchFailed:
-        return BatchFailed(ErrorCode.MODEL_ERROR.value, message, device=self.device)
-
     def _capacity_freed(self) -> None:
-        while self._retry and any(
-            w.ready and w.free_slot() is not None for w in self._workers.values()
-        ):
+        while self._retry and any(w.free_slot() is not None for w in self._workers.values()):
             batch, done = self._retry.popleft()
             self.dispatch(batch, done)
         for listener in self._listeners:
             listener()
 
-    @staticmethod
-    def _send(worker: _Worker, message: list[Any]) -> None:
-        worker.conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
     # Introspection -------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return any(w.ready for w in self._workers.values())
+        return any(w.link.ready for w in self._workers.values())
 
     def busy_workers(self) -> int:
-        return sum(1 for w in self._workers.values() if w.ready and w.busy)
+        return sum(1 for w in self._workers.values() if w.link.ready and w.busy)
 
     def live_workers(self) -> int:
-        return sum(1 for w in self._workers.values() if w.ready)
+        return sum(1 for w in self._workers.values() if w.link.ready)
 
     def unavailable(self) -> str | None:
         """Why no worker can run a batch now (none ready, or each stalled in one), or None."""
-        ready = [w for w in self._workers.values() if w.ready]
+        ready = [w.link for w in self._workers.values() if w.link.ready]
         if not ready:
             return f"no CPU worker is ready ({len(self._workers)} restarting)"
         now = time.monotonic()
-        stalled = [w.watchdog.stalled_s(now) for w in ready]
+        stalled = [link.stalled_s(now) for link in ready]
         if any(s is None for s in stalled):
             return None
         longest = max(s for s in stalled if s is not None)
@@ -475,4 +310,5 @@ class CpuPool:
         )
 
     def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers.values() if w.alive and w.process.pid]
+        links = [w.link for w in self._workers.values() if w.link.alive]
+        return [link.process.pid for link in links if link.process and link.process.pid]

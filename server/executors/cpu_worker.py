@@ -1,33 +1,38 @@
-"""Entry point of one CPU worker process: load and warm the models, then run batches.
+"""Entry point of one CPU worker process: load and warm the models, time them if asked, then
+run batches.
 
-Runs in its own (spawned) process and imports torch. It talks to the pool over one
-multiprocessing Connection in small msgpack messages; tensors stay in shared memory:
-    -> ["loaded", [[model, inputs, outputs], ...], [[model, why it failed], ...]]
-       | ["load_failed", message]   (when no model loaded)
-    <- ["attach", segment name, slots, {model: [sizes]}?]
-        -> ["ready", {model: [[samples, seconds], ...]}]   (the sizes timed, if asked)
-    <- ["run", seq, slot, model, samples]
-        -> ["done", seq, compute_s] | ["failed", seq, code, message]
-    <- ["stop"]
+Runs in its own (spawned) process and imports torch. It speaks contract.py's messages to the
+pool over one Connection (worker_channel.py); tensors stay in shared memory. Only worker 0 is
+asked to time sizes, once, before the server's first start.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import msgpack
 import torch
 
-from server.errors import ErrorCode
-from server.executors.shm_layout import plan_layout
-from server.executors.worker_entry import WorkerSetup
+from server.executors.contract import (
+    Attach,
+    Done,
+    Failed,
+    FailureKind,
+    Loaded,
+    LoadFailed,
+    Points,
+    Ready,
+    Run,
+    WorkerSetup,
+)
+from server.executors.profiling import time_sizes_blocking, zero_inputs
+from server.executors.worker_channel import Channel
+from server.executors.worker_segment import SegmentViews, attached
 from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
-from server.models.spec import TensorSpec
-from server.routing.profiling import profile_cpu_blocking
 
 if TYPE_CHECKING:
     from server.config import ModelConfig
@@ -40,38 +45,26 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(setup.threads)
     torch.set_num_interop_threads(1)
+    channel = Channel(conn)
     models: dict[str, LoadedModel] = {}
-    failed: list[list[str]] = []  # each model's failure is reported; the pool decides
+    failed: dict[str, str] = {}  # each model's failure is reported; the pool decides
     for cfg in setup.models:
         try:
             models[cfg.name] = _load_and_warm(cfg)
         except ModelLoadError as exc:
-            failed.append([cfg.name, str(exc)])
+            failed[cfg.name] = str(exc)
     if not models:
-        _send(conn, ["load_failed", "; ".join(why for _, why in failed)])
+        channel.send(LoadFailed("; ".join(failed.values())))
         return
-    _send(
-        conn,
-        [
-            "loaded",
-            [
-                [m.name, [s.to_wire() for s in m.inputs], [s.to_wire() for s in m.outputs]]
-                for m in models.values()
-            ],
-            failed,
-        ],
-    )
-    try:
-        message = _recv(conn)
-    except EOFError:
-        return
-    _, segment_name, slots, *plan = message  # a plan only for the worker that calibrates
-    segment = SharedMemory(name=segment_name)
-    try:
-        _send(conn, ["ready", profile_cpu_blocking(models, plan[0]) if plan else {}])
-        _serve_blocking(conn, models, _tensor_views(segment, models, setup, slots))
-    finally:
-        segment.close()
+    channel.send(Loaded("", {n: (m.inputs, m.outputs) for n, m in models.items()}, failed))
+    attach = channel.recv_blocking()
+    if not isinstance(attach, Attach):
+        return  # the server is gone, or stopping
+    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = {name: (m.inputs, m.outputs, caps[name]) for name, m in models.items()}
+    with attached(attach, layout) as views:
+        channel.send(Ready(profile_cpu_blocking(models, attach.plan), {}, []))
+        channel.serve_blocking(functools.partial(_run, channel, models, views))
 
 
 def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
@@ -93,79 +86,49 @@ def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
     return model
 
 
-_Views = list[dict[str, tuple[list[torch.Tensor], list[tuple[TensorSpec, torch.Tensor]]]]]
+def _run(channel: Channel, models: dict[str, LoadedModel], views: SegmentViews, run: Run) -> None:
+    inputs, outputs = views[run.slot][run.model]
+    samples = run.samples
+    started = time.perf_counter()
+    try:
+        _run_batch(models[run.model], [t[:samples] for t in inputs], outputs, samples)
+    except Exception as exc:  # a model's own failure: reported, the worker lives on
+        text = str(exc).strip().splitlines()
+        detail = text[-1] if text else ""
+        message = f"model {run.model!r} raised {type(exc).__name__}: {detail}"
+        channel.send(Failed(run.seq, FailureKind.MODEL, message))
+        return
+    channel.send(Done(run.seq, time.perf_counter() - started))
 
 
-def _tensor_views(
-    segment: SharedMemory, models: dict[str, LoadedModel], setup: WorkerSetup, slots: int
-) -> _Views:
-    """Torch tensors over the shared segment, built once: a batch then only slices them."""
-    batch_caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = plan_layout(
-        {name: (m.inputs, m.outputs, batch_caps[name]) for name, m in models.items()}, slots
-    )
-    buf = segment.buf
-    assert buf is not None
-    views: _Views = []
-    for region in layout.slots:
-        views.append(
-            {
-                name: (
-                    [torch.from_numpy(p.view(buf)) for p in places.inputs],
-                    [(p.spec, torch.from_numpy(p.view(buf))) for p in places.outputs],
-                )
-                for name, places in region.items()
-            }
-        )
-    return views
-
-
-def _serve_blocking(conn: Connection, models: dict[str, LoadedModel], views: _Views) -> None:
-    while True:
-        try:
-            message = _recv(conn)
-        except EOFError:
-            return  # the server is gone: nothing left to answer
-        if message[0] != "run":
-            return
-        _, seq, slot, model_name, samples = message
-        inputs, outputs = views[slot][model_name]
-        started = time.perf_counter()
-        try:
-            _run_batch(models[model_name], [t[:samples] for t in inputs], outputs, samples)
-        except Exception as exc:  # a model's own failure: reported, the worker lives on
-            text = str(exc).strip().splitlines()
-            detail = text[-1] if text else ""
-            _send(
-                conn,
-                [
-                    "failed",
-                    seq,
-                    ErrorCode.MODEL_ERROR.value,
-                    f"model {model_name!r} raised {type(exc).__name__}: {detail}",
-                ],
-            )
+def profile_cpu_blocking(
+    models: Mapping[str, LoadedModel], plan: Mapping[str, Sequence[int]]
+) -> dict[str, Points]:
+    """Each planned model timed over its sizes. A model that fails here is left out (the server
+    logs that it has no calibration)."""
+    report: dict[str, Points] = {}
+    for name, sizes in plan.items():
+        model = models.get(name)
+        if model is None:
             continue
-        _send(conn, ["done", seq, time.perf_counter() - started])
+        inputs = {n: [torch.from_numpy(a) for a in zero_inputs(model.inputs, n)] for n in sizes}
+        try:
+            timings = time_sizes_blocking(functools.partial(_run_cpu, model, inputs), sizes)
+        except Exception:  # the worker's boundary: calibration must never stop a start-up
+            continue
+        report[name] = [(t.samples, t.median_s) for t in timings]
+    return report
+
+
+def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: int) -> None:
+    with torch.inference_mode():
+        model.run(inputs[n])
 
 
 def _run_batch(
-    model: LoadedModel,
-    inputs: list[torch.Tensor],
-    outputs: list[tuple[TensorSpec, torch.Tensor]],
-    samples: int,
+    model: LoadedModel, inputs: list[torch.Tensor], outputs: list[torch.Tensor], samples: int
 ) -> None:
     with torch.inference_mode():
         result = model.run(inputs)
-        for spec, target in outputs:
+        for spec, target in zip(model.outputs, outputs, strict=True):
             target[:samples].copy_(declared_output(result, spec, samples))
-
-
-def _send(conn: Connection, message: list[Any]) -> None:
-    conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
-
-def _recv(conn: Connection) -> list[Any]:
-    message = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    assert isinstance(message, list)
-    return message

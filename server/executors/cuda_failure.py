@@ -8,30 +8,24 @@ exception, so that they are tested on any machine (tests/test_cuda_failure.py).
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
-from server.executors.cuda import OOM_MESSAGE
+from server.executors.contract import FailureKind
 from server.executors.cuda_instance import is_oom
 
 # torch >= 2.8 raises this for CUDA runtime errors; older versions raise a RuntimeError whose
 # text starts with "CUDA error". Looked up once so that both work.
 _ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
 _CUDA_ERROR_PREFIX = "CUDA error"
-
-
-class FailureKind(str, Enum):
-    OUT_OF_MEMORY = "out_of_memory"
-    DEVICE = "device"
-    MODEL = "model"
+OOM_MESSAGE = "CUDA out of memory"  # how an out-of-memory failure's message starts
 
 
 def classify(exc: BaseException) -> FailureKind:
-    """Out of memory is checked first: it also arrives as "CUDA error: out of memory", and it
-    leaves the context usable. Any other CUDA runtime error (an illegal memory access, a
-    device-side assert) is sticky: every later launch on this context fails with it, whichever
-    batch it belongs to, so it must never be blamed on the batch that happened to see it."""
+    """MODEL, OUT_OF_MEMORY or DEVICE. Out of memory is checked first: it also arrives as
+    "CUDA error: out of memory", and it leaves the context usable. Any other CUDA runtime error
+    (an illegal memory access, a device-side assert) is sticky: every later launch on this
+    context fails with it, whichever batch it belongs to, so it must never be blamed on the
+    batch that happened to see it."""
     if is_oom(exc):
         return FailureKind.OUT_OF_MEMORY
     if _ACCELERATOR_ERROR is not None and isinstance(exc, _ACCELERATOR_ERROR):
@@ -42,7 +36,7 @@ def classify(exc: BaseException) -> FailureKind:
 
 
 def describe(model: str, exc: BaseException, device: str = "the GPU") -> str:
-    """The failure's message for the server: OOM_MESSAGE first for the router's retry rule."""
+    """The failure's message for the server, the logs and the client."""
     kind = classify(exc)
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     if kind is FailureKind.OUT_OF_MEMORY:

@@ -24,10 +24,8 @@ import numpy as np
 import torch
 
 from server.config import Placement
-from server.executors.cuda import OOM_MESSAGE
 from server.models.loading import LoadedModel, declared_output
 
-__all__ = ["OOM_MESSAGE", "CudaInstance", "DeviceCap", "Pending", "is_oom", "run_in_chunks"]
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

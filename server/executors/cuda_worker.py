@@ -1,15 +1,10 @@
 """Entry point of one GPU worker process (one per CUDA device): load the models onto the device,
 warm and time them, then run batches on one thread pair per model instance.
 
-Runs in its own (spawned) process and imports torch. It talks to the server like a CPU worker:
-small msgpack messages over one Connection, tensors in a shared-memory segment:
-    -> ["loaded", device name, [[model, inputs, outputs], ...]] | ["load_failed", message]
-    <- ["attach", segment name, slots, {model: [sizes to time]}]
-        -> ["ready", {model: [[samples, seconds], ...]}, {model: cap}, [notes for the log]]
-    <- ["run", seq, slot, model, samples]
-        -> ["done", seq, compute_s, cap] | ["failed", seq, code, message, model_raised?]
-           | ["device_lost", seq, message]   (then the worker exits: its CUDA context is gone)
-    <- ["stop"]
+Runs in its own (spawned) process and imports torch. It speaks contract.py's messages to the
+server like a CPU worker (worker_channel.py), tensors in a shared-memory segment; its Loaded
+names the device, its Ready carries the batch caps and notes for the log, each Done the cap
+now, and a Failed of kind DEVICE is its last word (its CUDA context is gone: it exits).
 Slot s of a model belongs to its instance s // SLOTS_PER_INSTANCE. Each instance has an issue
 thread (stage, copy, launch) and a completion thread (wait, copy out, answer), so that two
 batches per instance are in flight; torch releases the GIL while the device works.
@@ -17,77 +12,73 @@ batches per instance are in flight; torch releases the GIL while the device work
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
-from typing import Any
 
-import msgpack
 import torch
 
-from server.errors import ErrorCode
-from server.executors.cuda import SLOTS_PER_INSTANCE, CudaSetup
-from server.executors.cuda_failure import FailureKind, classify, describe
+from server.executors.contract import (
+    SLOTS_PER_INSTANCE,
+    Attach,
+    CudaSetup,
+    Done,
+    Failed,
+    FailureKind,
+    Loaded,
+    LoadFailed,
+    Points,
+    Ready,
+    Run,
+)
+from server.executors.cuda_failure import classify, describe
 from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
-from server.executors.shm_layout import plan_layout
+from server.executors.profiling import calibration_sizes, time_sizes_blocking, zero_inputs
+from server.executors.worker_channel import Channel
+from server.executors.worker_segment import SegmentViews, attached
 from server.models.loading import load_model
-from server.routing.calibration import calibration_sizes
-from server.routing.profiling import time_sizes_blocking, zero_inputs
-
-_Send = Callable[[list[Any]], None]
-_Views = list[dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]
 
 
 def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(setup.threads)
-    lock = threading.Lock()
-
-    def send(message: list[Any]) -> None:
-        with lock, contextlib.suppress(OSError):  # the server is gone: nobody left to tell
-            conn.send_bytes(msgpack.packb(message, use_bin_type=True))
-
+    channel = Channel(conn)
     try:
         instances = _load(setup)
     except Exception as exc:  # worker entry: any failure to load is reported, not raised
-        send(["load_failed", f"cuda:{setup.device_index}: {type(exc).__name__}: {exc}"])
+        channel.send(LoadFailed(f"cuda:{setup.device_index}: {type(exc).__name__}: {exc}"))
         return
     first = {cfg.name: instances[cfg.name][0] for cfg in setup.models}
-    specs = [
-        [name, [s.to_wire() for s in i.model.inputs], [s.to_wire() for s in i.model.outputs]]
-        for name, i in first.items()
-    ]
-    send(["loaded", torch.cuda.get_device_name(setup.device_index), specs])
-    try:
-        _, segment_name, slots, plan = _recv(conn)
-    except EOFError:
+    specs = {name: (i.model.inputs, i.model.outputs) for name, i in first.items()}
+    channel.send(Loaded(torch.cuda.get_device_name(setup.device_index), specs, {}))
+    attach = channel.recv_blocking()
+    if not isinstance(attach, Attach):
         return
-    segment = SharedMemory(name=segment_name)
-    try:
-        if _warm_and_time(send, setup.device_index, instances, plan):
-            _serve_blocking(conn, send, instances, _views(segment, setup, first, slots))
-    finally:
-        segment.close()
+    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
+    layout = {name: (*specs[name], caps[name]) for name in specs}
+    with attached(attach, layout) as views:
+        if _warm_and_time(channel, setup.device_index, instances, attach.plan):
+            serve_blocking(channel, instances, views)
 
 
 def _warm_and_time(
-    send: _Send, index: int, instances: dict[str, list[CudaInstance]], plan: dict[str, list[int]]
+    channel: Channel,
+    index: int,
+    instances: dict[str, list[CudaInstance]],
+    plan: dict[str, list[int]],
 ) -> bool:
     """Warms every instance, times the first of each planned model, reports ready."""
     try:
         notes = [n for group in instances.values() for i in group for n in _warm(i)]
     except Exception as exc:  # a model that loads but cannot run on this device
-        send(["load_failed", f"cuda:{index}: warm-up failed: {type(exc).__name__}: {exc}"])
+        channel.send(LoadFailed(f"cuda:{index}: warm-up failed: {type(exc).__name__}: {exc}"))
         return False
     first = {name: group[0] for name, group in instances.items()}
     timings = {name: _profile(first[name], sizes) for name, sizes in plan.items() if name in first}
     caps = {name: i.cap.value for name, i in first.items()}
-    send(["ready", timings, caps, notes])
+    channel.send(Ready(timings, caps, notes))
     return True
 
 
@@ -117,55 +108,28 @@ def _warm(instance: CudaInstance) -> list[str]:
     return instance.warm_blocking(calibration_sizes(instance.max_batch))
 
 
-def _profile(instance: CudaInstance, sizes: list[int]) -> list[list[float]]:
+def _profile(instance: CudaInstance, sizes: list[int]) -> Points:
     inputs = {n: zero_inputs(instance.model.inputs, n) for n in sizes}
     try:
         timings = time_sizes_blocking(lambda n: instance.run_blocking(inputs[n]), sizes)
     except Exception:  # calibration must never stop a start-up: no points, a logged warning
         return []
-    return [t.to_wire() for t in timings]
+    return [(t.samples, t.median_s) for t in timings]
 
 
-def _views(
-    segment: SharedMemory, setup: CudaSetup, first: dict[str, CudaInstance], slots: int
-) -> _Views:
-    """Torch tensors over the shared segment, per slot and model, built once."""
-    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = plan_layout(
-        {n: (i.model.inputs, i.model.outputs, caps[n]) for n, i in first.items()}, slots
-    )
-    buf = segment.buf
-    assert buf is not None
-    return [
-        {
-            name: (
-                [torch.from_numpy(p.view(buf)) for p in places.inputs],
-                [torch.from_numpy(p.view(buf)) for p in places.outputs],
-            )
-            for name, places in region.items()
-        }
-        for region in layout.slots
-    ]
-
-
-def _serve_blocking(
-    conn: Connection, send: _Send, instances: dict[str, list[CudaInstance]], views: _Views
+def serve_blocking(
+    channel: Channel, instances: dict[str, list[CudaInstance]], views: SegmentViews
 ) -> None:
+    """Hands each Run to its instance's lane until Stop, then lets the lanes finish."""
     lanes = {
-        (name, k): _Lane(instance, views, send)
+        (name, k): _Lane(instance, views, channel)
         for name, group in instances.items()
         for k, instance in enumerate(group)
     }
     try:
-        while True:
-            try:
-                message = _recv(conn)
-            except EOFError:
-                return  # the server is gone: nothing left to answer
-            if message[0] != "run":
-                return
-            _, seq, slot, model, samples = message
-            lanes[(model, slot // SLOTS_PER_INSTANCE)].jobs.put((seq, slot, model, samples))
+        channel.serve_blocking(
+            lambda run: lanes[(run.model, run.slot // SLOTS_PER_INSTANCE)].put(run)
+        )
     finally:
         for lane in lanes.values():
             lane.stop()
@@ -174,11 +138,11 @@ def _serve_blocking(
 class _Lane:
     """One instance's two threads: issue (stage, copy, launch) and completion (wait, answer)."""
 
-    def __init__(self, instance: CudaInstance, views: _Views, send: _Send) -> None:
-        self.instance, self._views, self._send = instance, views, send
+    def __init__(self, instance: CudaInstance, views: SegmentViews, channel: Channel) -> None:
+        self.instance, self._views, self._channel = instance, views, channel
         self._device = str(instance.device)  # "cuda:N", for the messages
-        self.jobs: queue.Queue[tuple[int, int, str, int] | None] = queue.Queue()
-        self._issued: queue.Queue[tuple[int, int, str, Pending] | None] = queue.Queue()
+        self._jobs: queue.Queue[Run | None] = queue.Queue()
+        self._issued: queue.Queue[tuple[Run, Pending] | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._issue_blocking, daemon=True),
             threading.Thread(target=self._complete_blocking, daemon=True),
@@ -186,53 +150,54 @@ class _Lane:
         for thread in self._threads:
             thread.start()
 
+    def put(self, run: Run) -> None:
+        self._jobs.put(run)
+
     def stop(self) -> None:
-        self.jobs.put(None)
+        self._jobs.put(None)
         for thread in self._threads:
             thread.join(timeout=30.0)
 
     def _issue_blocking(self) -> None:
         self.instance.bind_thread()
-        while (job := self.jobs.get()) is not None:
-            seq, slot, model, samples = job
-            inputs, _ = self._views[slot][model]
+        while (run := self._jobs.get()) is not None:
+            inputs, _ = self._views[run.slot][run.model]
             try:
-                pending = self.instance.submit(slot % SLOTS_PER_INSTANCE, inputs, samples)
+                pending = self.instance.submit(run.slot % SLOTS_PER_INSTANCE, inputs, run.samples)
             except Exception as exc:  # the model's own failure, OOM at one sample, or the device
-                self._fail(seq, model, exc)
+                self._fail(run, exc)
                 continue
-            self._issued.put((seq, slot, model, pending))
+            self._issued.put((run, pending))
         self._issued.put(None)
 
     def _complete_blocking(self) -> None:
         self.instance.bind_thread()
         while (item := self._issued.get()) is not None:
-            seq, slot, model, pending = item
+            run, pending = item
             try:
                 compute_s = pending.wait_blocking()
-                _, outputs = self._views[slot][model]
+                _, outputs = self._views[run.slot][run.model]
                 for target, produced in zip(outputs, pending.outputs, strict=True):
                     target[: pending.samples].copy_(produced)
             except Exception as exc:  # raised by the device: an asynchronous kernel error
-                self._fail(seq, model, exc, raised=False)
+                self._fail(run, exc, at_launch=False)
                 continue
-            self._send(["done", seq, compute_s, self.instance.cap.value])
+            self._channel.send(Done(run.seq, compute_s, self.instance.cap.value))
 
-    def _fail(self, seq: int, model: str, exc: BaseException, raised: bool = True) -> None:
-        message = describe(model, exc, self._device)
-        if classify(exc) is FailureKind.DEVICE:
+    def _fail(self, run: Run, exc: BaseException, at_launch: bool = True) -> None:
+        message = describe(run.model, exc, self._device)
+        kind = classify(exc)
+        if kind is FailureKind.DEVICE:
             # The context is dead: every later launch here fails with the same error, whatever
             # its batch. Reported as the device's failure (the router runs the batch elsewhere),
             # then exit, so the server sees this worker die and sends the rest elsewhere too
             # rather than bisecting innocent batches on a device that can no longer run any.
-            self._send(["device_lost", seq, message])
+            self._channel.send(Failed(run.seq, kind, message))
             os._exit(3)
-        # raised: the model raised (or ran out of memory even at one sample), so the batcher
-        # may split the batch to find the culprit; the router retries an OOM on the CPU.
-        self._send(["failed", seq, ErrorCode.MODEL_ERROR.value, message, raised])
-
-
-def _recv(conn: Connection) -> list[Any]:
-    message = msgpack.unpackb(conn.recv_bytes(), raw=False)
-    assert isinstance(message, list)
-    return message
+        if kind is FailureKind.MODEL and not at_launch:
+            # Raised only when the batch was waited on: not the model's inputs, so the batcher
+            # must not split the batch to find a culprit.
+            kind = FailureKind.OTHER
+        # MODEL and OUT_OF_MEMORY (even at one sample): the batcher may split the batch to find
+        # the culprit; the router runs an OOM elsewhere (the CPU) first.
+        self._channel.send(Failed(run.seq, kind, message))

@@ -1,7 +1,7 @@
 """Splits the byte stream from a worker into messages, in multiprocessing.Connection's framing
 (a 4-byte big-endian signed length, or -1 and an 8-byte length for huge messages).
 
-Event loop side of the pool; pure bytes in, payloads out.
+Event loop side of every worker link (worker_link.py); pure bytes in, payloads out.
 """
 
 from __future__ import annotations

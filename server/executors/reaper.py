@@ -1,9 +1,9 @@
 """Collects the exit status of a worker process that died, so that it leaves no zombie behind
 while the server runs on (its replacement, or the other executors, take over its work).
 
-Event loop (main process), called by the executors' death handling. A dead worker's pipe can
-read as closed a moment before the kernel has made it a zombie, so the check is repeated on a
-loop timer until its status is collected; never a blocking wait on the event loop.
+Event loop (main process), called by the worker link when its worker is gone. A dead worker's
+pipe can read as closed a moment before the kernel has made it a zombie, so the check is
+repeated on a loop timer until its status is collected; never a blocking wait on the loop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where each batch tensor lives in a worker's shared-memory segment.
 
-Pure data, computed by the pool and sent to the worker, so both sides agree by construction.
+Pure data, computed on both sides of the process boundary from the same specs, sizes and slots
+(staging.py on the event loop, worker_segment.py in the worker), so they agree by construction.
 A segment holds `slots` independent regions (one batch in flight per slot); each region holds
 every model's inputs and outputs at its max_batch_size.
 """
@@ -45,9 +46,10 @@ class Layout:
     slots: tuple[dict[str, ModelPlaces], ...]
 
 
-def plan_layout(
-    models: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], int]], slots: int
-) -> Layout:
+ModelLayout = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], int]  # inputs, outputs, cap
+
+
+def plan_layout(models: dict[str, ModelLayout], slots: int) -> Layout:
     """models: name -> (input specs, output specs, max_batch_size)."""
     offset = 0
     planned = []

@@ -1,6 +1,7 @@
 """The stuck-batch watchdog of one worker process: notices a batch running far past its time
-limit (`workers.batch_timeout_s`), so that its executor kills the worker and retries the batch
-elsewhere, as for a worker that died; and says which workers are stalled, for /readyz.
+limit (`workers.batch_timeout_s`), so that its link (worker_link.py) kills the worker and its
+executor handles the batch as for a worker that died; and says which workers are stalled, for
+/readyz. BatchLimits holds one executor's limits, shared by its workers' watchdogs.
 
 Event loop only. One timer per worker, armed when a batch starts and none is armed, and re-armed
 lazily when it fires: a finished batch costs nothing here, not even a cancel.
@@ -46,6 +47,21 @@ def batch_timeout_s(configured_s: float, full_batch_s: float | None) -> float:
 
 def stall_s(limit_s: float) -> float:
     return max(STALL_FLOOR_S, STALL_FRACTION * limit_s)
+
+
+class BatchLimits:
+    """One executor's batch time limits (model -> seconds) and the counter of the kills, shared
+    by the watchdogs of its workers; empty until set, so that start-up (loading, warming up,
+    timing) is never watched."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.on_timeout: Callable[[str], None] = lambda model: None
+
+    def set(self, limits: Mapping[str, float], on_timeout: Callable[[str], None]) -> None:
+        self.seconds.clear()  # in place: the watchdogs hold this dict
+        self.seconds.update(limits)
+        self.on_timeout = on_timeout
 
 
 class Watchdog(Generic[F]):

@@ -1,23 +1,21 @@
-"""The worker process's entry point as the pool names it, kept free of torch so that the server
-process, which must import it to spawn workers, never loads torch itself.
+"""The worker processes' entry points as the executors name them when they spawn one, kept free
+of torch so that the server process, which must import them, never loads torch itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from server.config import ModelConfig
+from server.executors.contract import CudaSetup, WorkerSetup
 
 
-@dataclass(frozen=True)
-class WorkerSetup:
-    index: int
-    models: tuple[ModelConfig, ...]
-    threads: int
-
-
-def run_worker(conn: Connection, setup: WorkerSetup) -> None:
+def run_cpu_worker(conn: Connection, setup: WorkerSetup) -> None:
     from server.executors.cpu_worker import worker_main  # imports torch, in the worker only
 
     worker_main(conn, setup)
+
+
+def run_cuda_worker(conn: Connection, setup: CudaSetup) -> None:
+    from server.executors.cuda_worker import cuda_worker_main  # torch: in the worker only
+
+    cuda_worker_main(conn, setup)

@@ -31,6 +31,7 @@ from server.errors import (
     error_for_code,
 )
 from server.http.incoming import Incoming
+from server.http.model_listing import describe_executors, describe_routing
 from server.http.state import Phase, ServerState
 from server.models.matching import DeclaredShapes, match_inputs
 from server.models.spec import TensorSpec
@@ -236,7 +237,6 @@ def _not_serving(state: ServerState) -> ServingError:
 
 
 async def list_models(state: ServerState, request: Incoming) -> web.Response:
-    pool = state.pool
     devices = state.devices
     unavailable = _unavailable(state)
     models: list[dict[str, Any]] = []
@@ -263,30 +263,11 @@ async def list_models(state: ServerState, request: Incoming) -> web.Response:
                 "available": endpoint is not None and unavailable.get(cfg.name) is None,
                 "unavailable": unavailable.get(cfg.name),
                 # devices (where its batches may run), costs (calibrated and current), crossover
-                **(devices.describe(cfg.name) if devices else {"devices": ["cpu"]}),
+                **(describe_routing(devices, cfg.name) if devices else {"devices": ["cpu"]}),
                 "queued_samples": endpoint.queue.queued_samples if endpoint else 0,
             }
         )
-    executors = []
-    if pool is not None:
-        executors.append(
-            {
-                "device": pool.device,
-                "workers": pool.live_workers(),
-                "busy_workers": pool.busy_workers(),
-                "pids": pool.worker_pids(),
-            }
-        )
-    for gpu in devices.gpus if devices else []:
-        executors.append(
-            {
-                "device": gpu.device,
-                "name": gpu.gpu_name,
-                "alive": gpu.alive(),
-                "in_flight_batches": gpu.in_flight(),
-                "batch_caps": dict(gpu.caps),
-            }
-        )
+    executors = describe_executors(state.pool, devices)
     return _plain(request, {"models": models, "executors": executors})
 
 

@@ -1,5 +1,5 @@
-"""Calibration bookkeeping: which batch sizes to profile, the cache key of one (model, device)
-profile, and the JSON cache file on disk.
+"""Calibration bookkeeping: the cache key of one (model, device) profile, and the JSON cache
+file on disk (the sizes profiled, and the timing itself, are executors/profiling.py's).
 
 Main process. The key and plan functions are pure; the `_blocking` ones read or write the
 cache file and hash model files, and run in a thread (asyncio.to_thread), never on the loop.
@@ -26,16 +26,6 @@ from server.config import ModelConfig
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 Points = list[tuple[int, float]]
-
-
-def calibration_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... below the cap, then the cap itself: the sizes a queue forms most."""
-    sizes = []
-    n = 1
-    while n < max_batch_size:
-        sizes.append(n)
-        n *= 2
-    return [*sizes, max_batch_size]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Everything beside the CPU pool: the CUDA probe, one GPU executor per device, the calibrations
-(fresh or from the cache), the router over them all; and what /v1/models and /metrics show.
+(fresh or from the cache), the router over them all; and what lifecycle, the queues and /readyz
+read of them (calibrated costs, the batch time limits, availability). /v1/models describes them
+in http/model_listing.py, /metrics in cost_gauges.py.
 
 Event loop (main process); hashing, cache files and the probe subprocess run in threads. No
 torch here. Without a GPU the queues get the CPU pool itself: nothing changes per batch.
@@ -10,27 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
 
+from server.clock import Clock
 from server.config import Config, ModelConfig
 from server.executors.base import BatchFailed, Dispatcher
+from server.executors.contract import FailureKind
 from server.executors.cpu_pool import CpuPool
-from server.executors.cuda import (
-    OOM_MESSAGE,
-    CudaExecutor,
-    CudaStartError,
-    probe_cuda_blocking,
-)
+from server.executors.cuda import CudaExecutor, CudaStartError
+from server.executors.cuda_probe import probe_cuda_blocking
+from server.executors.profiling import calibration_sizes
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
 from server.models.info import ModelInfo
 from server.routing import calibration as cal
-from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, CostFit, Vetted, vet_points
-from server.routing.policy import crossover
-from server.routing.router import ReadClock, Router, Target
+from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, Vetted, vet_points
+from server.routing.router import Router, Target
+from server.routing.routes import CPU, route
 
 log = logging.getLogger(__name__)
-CPU = "cpu"
 ExecutorFactory = Callable[[int, tuple[ModelConfig, ...]], CudaExecutor]
 
 
@@ -38,7 +37,7 @@ class Devices:
     def __init__(
         self,
         config: Config,
-        clock: ReadClock,
+        clock: Clock,
         probe: Callable[[], list[str]] = probe_cuda_blocking,
         executor: ExecutorFactory = CudaExecutor,
     ) -> None:
@@ -52,7 +51,7 @@ class Devices:
         self._probing: asyncio.Task[list[str]] | None = None
         self._cpu_id = ""
         self._pool: CpuPool | None = None
-        self._infos: dict[str, ModelInfo] = {}
+        self.infos: dict[str, ModelInfo] = {}  # the models the CPU pool serves (from start)
         self.gpus: list[CudaExecutor] = []
         self.router: Router | None = None
         self._rejected: dict[str, list[str]] = {}  # model -> devices whose calibration failed
@@ -66,7 +65,7 @@ class Devices:
             self._read_blocking, threads
         )
         return {
-            m.name: cal.calibration_sizes(m.batching.max_batch_size)
+            m.name: calibration_sizes(m.batching.max_batch_size)
             for m in self._config.models
             if self._stale(m, self._cpu_id)
         }
@@ -85,7 +84,7 @@ class Devices:
 
     async def start(self, pool: CpuPool, infos: Mapping[str, ModelInfo]) -> None:
         """After the pool: GPU executors, then the router over everything that started."""
-        self._pool, self._infos = pool, dict(infos)
+        self._pool, self.infos = pool, dict(infos)
         names = await self._probed()
         wanted = tuple(
             m for m in self._config.models if m.placement.routing != CPU and m.name in infos
@@ -120,7 +119,7 @@ class Devices:
 
     async def _start_gpu(self, index: int, wanted: tuple[ModelConfig, ...]) -> None:
         gpu = self._make_executor(index, wanted)
-        plan = {m.name: cal.calibration_sizes(m.batching.max_batch_size) for m in wanted}
+        plan = {m.name: calibration_sizes(m.batching.max_batch_size) for m in wanted}
         try:
             await gpu.start(self._config.workers.start_timeout_s, plan)
         except (CudaStartError, asyncio.TimeoutError, OSError) as exc:
@@ -132,7 +131,7 @@ class Devices:
             await gpu.stop()
             return
         for name, specs in list(gpu.specs.items()):
-            info = self._infos[name]
+            info = self.infos[name]
             if specs != (info.inputs, info.outputs):
                 log.error(
                     "cuda:%d sees other tensors for model %r than the CPU; left out", index, name
@@ -171,7 +170,7 @@ class Devices:
                 CPU,
                 pool,
                 lambda model: max(1, pool.live_workers()),
-                lambda model: self._infos[model].batching.max_batch_size,
+                lambda model: self.infos[model].batching.max_batch_size,
                 lambda: pool.ready,
             )
         ]
@@ -181,32 +180,11 @@ class Devices:
     def _routes(self) -> dict[str, tuple[str, ...]]:
         routes = {}
         for cfg in self._config.models:
-            gpus = tuple(g.device for g in self.gpus if cfg.name in g.specs)
-            routing = cfg.placement.routing
-            rejected = self._rejected.get(cfg.name, [])
-            if routing == "cuda" and not gpus:
-                log.warning("model %r has routing = 'cuda' but no GPU runs it: CPU", cfg.name)
-            if routing == "cuda" and gpus:
-                routes[cfg.name] = gpus
-                if rejected:
-                    log.warning(
-                        "model %r keeps routing = 'cuda' despite its rejected calibration",
-                        cfg.name,
-                    )
-            elif routing == "auto" and gpus and rejected:
-                # A choice made on costs nobody can trust could send every batch to the wrong
-                # side; the CPU alone is what the server does without a GPU, a known quantity.
-                log.error(
-                    "model %r runs on the CPU only: its calibration on %s was rejected; set "
-                    "routing = 'cuda' to use the GPU anyway, or recalibrate on a quieter machine",
-                    cfg.name,
-                    ", ".join(rejected),
-                )
-                routes[cfg.name] = (CPU,)
-            elif routing == "auto":
-                routes[cfg.name] = (CPU, *gpus)
-            else:
-                routes[cfg.name] = (CPU,)
+            gpus = [g.device for g in self.gpus if cfg.name in g.specs]
+            decided = route(cfg.name, cfg.placement.routing, gpus, self._rejected.get(cfg.name, []))
+            if decided.note:
+                log.log(logging.ERROR if decided.severe else logging.WARNING, "%s", decided.note)
+            routes[cfg.name] = decided.devices
         return routes
 
     def dispatcher_for(self, model: str) -> Dispatcher:
@@ -253,7 +231,7 @@ class Devices:
         for device, executor in executors:
             limits = {
                 name: batch_timeout_s(configured, self._full_batch_s(name, device))
-                for name in self._infos
+                for name in self.infos
             }
 
             def count(model: str, device: str = device) -> None:
@@ -267,7 +245,7 @@ class Devices:
         calibrated = self.router.costs().get((model, device), (UNKNOWN_COST,))[0]
         if calibrated is UNKNOWN_COST:
             return None
-        return calibrated.cost_s(self._infos[model].batching.max_batch_size)
+        return calibrated.cost_s(self.infos[model].batching.max_batch_size)
 
     def unavailable(self, model: str) -> str | None:
         """Why no executor can run this model's batches now, or None if one can."""
@@ -285,77 +263,11 @@ class Devices:
     def _gpu(self, device: str) -> CudaExecutor | None:
         return next((g for g in self.gpus if g.device == device), None)
 
-    # What /v1/models and /metrics show -----------------------------------------------------
     def devices_of(self, model: str) -> list[str]:
+        """The executors this model may use, as configured (the dead ones included)."""
         if self.router is None:
             return [CPU]
         return list(self.router.route(model))
-
-    def describe(self, model: str) -> dict[str, Any]:
-        """Plain data: devices, routing, the calibrated and current costs, the crossover."""
-        out: dict[str, Any] = {"devices": self.devices_of(model), "costs": {}}
-        if self.router is None:
-            return out
-        for (name, device), (calibrated, current, observed) in self.router.costs().items():
-            if name == model:
-                measured = calibrated is not UNKNOWN_COST
-                out["costs"][device] = {
-                    "calibrated_fixed_ms": calibrated.fixed_s * 1e3 if measured else None,
-                    "calibrated_per_sample_ms": calibrated.per_sample_s * 1e3 if measured else None,
-                    "fixed_ms": current.fixed_s * 1e3,
-                    "per_sample_ms": current.per_sample_s * 1e3,
-                    "observed_batches": observed,
-                }
-        out["crossover_batch_size"] = self.crossover(model)
-        return out
-
-    def _costs(self) -> dict[tuple[str, str], tuple[CostFit, CostFit, int]]:
-        return self.router.costs() if self.router is not None else {}
-
-    def crossover(self, model: str) -> int | None:
-        if self.router is None or not self.gpus or model not in self._infos:
-            return None
-        cpu = self.router.cost(model, CPU)
-        gpus = [self.router.cost(model, g.device) for g in self.gpus if model in g.specs]
-        best = min(gpus, key=lambda fit: fit.cost_s(1), default=None)
-        max_batch = self._infos[model].batching.max_batch_size
-        return crossover(cpu, best, max_batch) if best is not None else None
-
-    def register_gauges(self, metrics: Metrics) -> None:
-        def costs(term: int) -> dict[tuple[str, ...], float]:
-            """kind="calibrated": what start-up measured (absent where nothing was);
-            kind="current": what the router routes on now, corrected by observed batches. The
-            two side by side show how far the calibration was off, and whether it drifts."""
-            out: dict[tuple[str, ...], float] = {}
-            for (model, device), (calibrated, current, _) in self._costs().items():
-                if calibrated is not UNKNOWN_COST:
-                    out[(model, device, "calibrated")] = _term(calibrated, term)
-                out[(model, device, "current")] = _term(current, term)
-            return out
-
-        metrics.add_labelled_gauge(
-            "microbatch_cost_fixed_seconds",
-            "Expected fixed cost of one batch, by model and device; kind: calibrated at "
-            "start-up, or current (corrected online).",
-            ("model", "device", "kind"),
-            lambda: costs(0),
-        )
-        metrics.add_labelled_gauge(
-            "microbatch_cost_per_sample_seconds",
-            "Expected cost per sample of a batch; kind: calibrated, or current (corrected online).",
-            ("model", "device", "kind"),
-            lambda: costs(1),
-        )
-        metrics.add_labelled_gauge(
-            "microbatch_batch_cap",
-            "Largest batch an executor runs in one go (lowered after a CUDA out-of-memory).",
-            ("model", "device"),
-            lambda: {(m, g.device): float(g.cap(m)) for g in self.gpus for m in g.specs},
-        )
-
-
-def _term(fit: CostFit, term: int) -> float:
-    return (fit.fixed_s, fit.per_sample_s)[term]
 
 
 def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
@@ -380,4 +292,4 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
 
 
 def _out_of_memory(failure: BatchFailed) -> bool:
-    return failure.message.startswith(OOM_MESSAGE)
+    return failure.kind is FailureKind.OUT_OF_MEMORY

@@ -15,8 +15,8 @@ import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from server.clock import Clock
 from server.executors.base import (
     Batch,
     BatchDone,
@@ -30,12 +30,6 @@ from server.routing.policy import Candidate, backlog_s, batch_cost_s, choose
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
-
-
-class ReadClock(Protocol):
-    """All the router needs of server.clock.Clock: it reads the time and sets no timers."""
-
-    def now(self) -> float: ...
 
 
 @dataclass(eq=False)
@@ -77,7 +71,7 @@ class Router:
         targets: Sequence[Target],
         routes: Mapping[str, Sequence[str]],
         costs: Mapping[tuple[str, str], Sequence[tuple[int, float]]],
-        clock: ReadClock,
+        clock: Clock,  # only read: the router sets no timers
         fallback: str = "cpu",
     ) -> None:
         self._states = {t.name: _TargetState(t) for t in targets}

@@ -1,27 +1,36 @@
-"""Times a model over a range of batch sizes: warm-up runs, then repeats; median and quartiles.
+"""Times a model over a range of batch sizes: warm-up runs, then repeats; median and quartiles;
+and which batch sizes a calibration times.
 
-Runs where torch runs: in CPU worker processes and the GPU worker process at start-up (the
-calibration), and in the `microbatch compare` command. Never on the server's event loop.
-`run(n)` must return only once a batch of n is complete: a GPU run synchronises itself.
+Runs where the models run: in the CPU and GPU worker processes at start-up (the calibration),
+and in the `microbatch compare` command; the server's event loop only reads calibration_sizes
+to plan it. No torch here (the caller's `run(n)` brings it): it must return only once a batch
+of n is complete, so a GPU run synchronises itself.
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from server.models.loading import LoadedModel
 from server.models.spec import TensorSpec
 
 WARMUP_RUNS = 2
 REPEATS = 7
 MIN_REPEATS = 3
 BUDGET_S = 2.0  # per model and device at start-up; sizes beyond it are left to the fit
+
+
+def calibration_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below the cap, then the cap itself: the sizes a queue forms most."""
+    sizes = []
+    n = 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_batch_size]
 
 
 @dataclass(frozen=True)
@@ -78,27 +87,3 @@ def zero_inputs(specs: Sequence[TensorSpec], samples: int) -> list[np.ndarray]:
     sample), where random values could trip a model's own input checks. A dense model's time
     does not depend on the values."""
     return [np.zeros((samples, *s.shape), dtype=s.np_dtype) for s in specs]
-
-
-def profile_cpu_blocking(
-    models: Mapping[str, LoadedModel], plan: Mapping[str, Sequence[int]]
-) -> dict[str, list[list[float]]]:
-    """In a CPU worker: each planned model timed over its sizes; plain data for the pool. A
-    model that fails here is left out (the server logs that it has no calibration)."""
-    report: dict[str, list[list[float]]] = {}
-    for name, sizes in plan.items():
-        model = models.get(name)
-        if model is None:
-            continue
-        inputs = {n: [torch.from_numpy(a) for a in zero_inputs(model.inputs, n)] for n in sizes}
-        try:
-            timings = time_sizes_blocking(functools.partial(_run_cpu, model, inputs), sizes)
-        except Exception:  # the worker's boundary: calibration must never stop a start-up
-            continue
-        report[name] = [t.to_wire() for t in timings]
-    return report
-
-
-def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: int) -> None:
-    with torch.inference_mode():
-        model.run(inputs[n])
