@@ -10,7 +10,8 @@ HTTP answer:
 4. the listener closes last, after accepting the connections waiting in its backlog, which are
    answered too.
 
-Event loop (main process); called by lifecycle.py once the stop signal came.
+Event loop (main process); called by lifecycle.py once the stop signal came. Steps 1 and 2 are
+the engine's (server/engine.py, shared with other fronts); the connections are this module's.
 """
 
 from __future__ import annotations
@@ -18,29 +19,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from server.errors import ShuttingDown
+from server.engine import Engine
 from server.http.connections import ConnectionServer
 from server.http.listener import Listener
-from server.http.state import Phase, ServerState
 
 log = logging.getLogger(__name__)
 
 IDLE_GRACE_S = 1.0  # how long an idle connection may still bring a request once draining
-_RUNNING_S = 60.0  # how long batches already in an executor may still take (aiohttp's default)
 _FORCE_CLOSE_S = 1.0  # what a connection left at the very end gets before it is cut
 
 
-async def drain(state: ServerState, server: ConnectionServer, listener: Listener) -> None:
+async def drain(engine: Engine, server: ConnectionServer, listener: Listener) -> None:
     loop = asyncio.get_running_loop()
-    settings = state.config.server
-    state.stopping = True
+    settings = engine.state.config.server
+    engine.stop_readiness()
     if settings.drain_delay_s > 0:
         log.info("not ready; serving on for %.1f s (server.drain_delay_s)", settings.drain_delay_s)
         await asyncio.sleep(settings.drain_delay_s)
     deadline = loop.time() + settings.drain_timeout_s
-    state.phase = Phase.DRAINING
     server.close_after_answers()
-    await finish_admitted(state, settings.drain_timeout_s)
+    await engine.drain(settings.drain_timeout_s)
     # Connections get at least the grace and one second more, at most what is left of the
     # drain's time beyond that.
     patience_s = max(deadline - loop.time(), IDLE_GRACE_S + 1.0)
@@ -51,33 +49,6 @@ async def drain(state: ServerState, server: ConnectionServer, listener: Listener
     if not settled:
         log.warning("%d connections open at the end of the drain; closing them", len(server.open))
     await stop_serving(server, listener)
-
-
-async def finish_admitted(state: ServerState, timeout_s: float) -> None:
-    """Stop admitting; wait (bounded) until every admitted request has its answer."""
-    for endpoint in state.endpoints.values():
-        endpoint.queue.close()
-    log.info(
-        "draining: %d samples outstanding, up to %.0f s", state.outstanding_samples(), timeout_s
-    )
-    if await _all_answered(state, timeout_s):
-        return
-    log.warning("drain timed out with %d samples outstanding", state.outstanding_samples())
-    late = ShuttingDown("the server stopped before this request ran (server.drain_timeout_s)")
-    for endpoint in state.endpoints.values():
-        endpoint.queue.abort(late)
-    # A batch already in an executor still runs to its end, and its requests get its answers.
-    if not await _all_answered(state, _RUNNING_S):
-        log.warning("%d samples still running after the drain", state.outstanding_samples())
-
-
-async def _all_answered(state: ServerState, timeout_s: float) -> bool:
-    idle = [endpoint.queue.wait_idle() for endpoint in state.endpoints.values()]
-    try:
-        await asyncio.wait_for(asyncio.gather(*idle), timeout_s)
-    except asyncio.TimeoutError:
-        return False
-    return True
 
 
 async def stop_serving(server: ConnectionServer, listener: Listener) -> None:

@@ -1,6 +1,7 @@
 """Import hygiene of the server: no module of server/, and not `microbatch serve`'s way through
 the CLI, loads the tooling (the bench package) or what only the tooling needs (matplotlib,
-rich, tqdm); `microbatch --help` lists every command without loading any tooling either.
+rich, tqdm), nor Ray (only server/ray_serve/, the `ray` extra's package, imports it, and it is
+left out of the walk); `microbatch --help` lists every command without loading any tooling either.
 Checked in fresh interpreters, where sys.modules starts empty.
 """
 
@@ -26,6 +27,7 @@ from server.cli import build_parser, chosen_command
 argv = ["serve", "--port", "0"]
 args = build_parser(chosen_command(argv)).parse_args(argv)
 names = [m.name for m in pkgutil.walk_packages(server.__path__, "server.")]
+names = [n for n in names if not n.startswith("server.ray_serve")]
 for name in names:
     importlib.import_module(name)
 print(json.dumps({"modules": names, "loaded": sorted(sys.modules), "run": args.run.__module__}))
@@ -66,6 +68,7 @@ def test_no_server_module_and_not_serve_loads_the_tooling() -> None:
     )
     assert report["run"] == "server.commands.serve"
     assert tooling_in(report["loaded"]) == []
+    assert [m for m in report["loaded"] if m.partition(".")[0] == "ray"] == []
 
 
 def test_the_top_help_lists_every_command_and_loads_no_tooling() -> None:

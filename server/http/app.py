@@ -22,10 +22,11 @@ from aiohttp.web_protocol import RequestHandler
 from server.http import handlers, oip_handlers
 from server.http.auth import OPEN_PATHS, PROBE_PATHS, authorized, unauthorized
 from server.http.connections import ConnectionLimits, ConnectionServer
+from server.http.incoming import Incoming
 from server.http.request_body import LimitedRequest
 from server.http.state import ServerState
 
-Handler = Callable[[ServerState, web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[ServerState, Incoming], Awaitable[web.Response]]
 _INFER_PREFIX = "/v1/models/"
 _INFER_SUFFIX = "/infer"
 _GET_ROUTES: dict[str, Handler] = {
@@ -46,16 +47,14 @@ class PathTable:
         token = state.config.server.auth_token
         self._token = token.encode() if token else None
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Incoming) -> web.Response:
         path = request.path
         if self._token is not None and path not in OPEN_PATHS:
             header = request.headers.get("Authorization")
             if header is None and path in PROBE_PATHS and request.method in _READ_METHODS:
                 return handlers.readiness_probe(self._state, request)
             if not authorized(header, self._token):
-                return (
-                    oip_handlers.unauthorized(request) if _is_oip(path) else unauthorized(request)
-                )
+                return oip_handlers.unauthorized(request) if is_oip(path) else unauthorized(request)
         model = infer_model(path)
         if model is not None:
             if request.method != "POST":
@@ -64,7 +63,7 @@ class PathTable:
         route = _GET_ROUTES.get(path)
         if route is None:
             # Looked at only once /v1 has not matched: /v2 costs the /v1 paths nothing.
-            if _is_oip(path):
+            if is_oip(path):
                 return await oip_handlers.dispatch(self._state, request)
             return handlers.not_found(request)
         if request.method not in _READ_METHODS:
@@ -81,7 +80,7 @@ def infer_model(path: str) -> str | None:
     return model if model and "/" not in model else None
 
 
-def _is_oip(path: str) -> bool:
+def is_oip(path: str) -> bool:
     return path.startswith(_OIP_ROOT) and (len(path) == 3 or path[3] == "/")
 
 

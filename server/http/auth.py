@@ -16,6 +16,7 @@ from aiohttp import web
 
 from server.errors import Unauthorized
 from server.http.handlers import error_response, reply_encoding
+from server.http.incoming import Incoming
 
 # Liveness probes (/v1 and OIP) must work without the secret; they say nothing but "alive".
 OPEN_PATHS = frozenset(("/healthz", "/v2/health/live"))
@@ -27,7 +28,7 @@ PROBE_PATHS = frozenset(("/readyz",))
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
 
 
-def unauthorized(request: web.BaseRequest) -> web.Response:
+def unauthorized(request: Incoming) -> web.Response:
     error = Unauthorized("this server needs a bearer token: Authorization: Bearer <token>")
     return error_response(error, reply_encoding(request), CHALLENGE)
 

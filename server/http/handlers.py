@@ -2,8 +2,9 @@
 one place (`error_response`), in the request's own encoding.
 
 Event loop only; no torch. The infer handler is the hot path; `run_infer`, its protocol-free
-part, also serves /v2 (oip_handlers.py). Each handler takes the server state and aiohttp's
-low-level request; app.py maps paths to them.
+part, also serves /v2 (oip_handlers.py). Each handler takes the server state and a request
+(aiohttp's low-level one, or a buffered one from another front: incoming.py); app.py maps
+paths to them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from server.errors import (
     UnknownModel,
     error_for_code,
 )
+from server.http.incoming import Incoming
 from server.http.model_listing import describe_executors, describe_routing
 from server.http.state import Phase, ServerState
 from server.models.matching import DeclaredShapes, match_inputs
@@ -64,7 +66,7 @@ D = TypeVar("D", bound=Decoded)
 C = TypeVar("C")
 
 
-def reply_encoding(request: web.BaseRequest) -> str:
+def reply_encoding(request: Incoming) -> str:
     """The request's own encoding where it has one, else what Accept asks for, else JSON."""
     ctype = request.headers.get("Content-Type", "")
     if "msgpack" in ctype:
@@ -88,7 +90,7 @@ def error_response(
     )
 
 
-async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web.Response:
+async def infer(state: ServerState, request: Incoming, model: str) -> web.Response:
     started = state.clock.now()
     encoding: str | None = None
     try:
@@ -108,7 +110,7 @@ async def infer(state: ServerState, request: web.BaseRequest, model: str) -> web
 
 
 async def _infer_v1(
-    state: ServerState, request: web.BaseRequest, model: str, started: float, encoding: str
+    state: ServerState, request: Incoming, model: str, started: float, encoding: str
 ) -> bytes:
     """A /v1 request to its encoded answer."""
     shapes = None
@@ -144,7 +146,7 @@ def _decode_v1(
 
 async def run_infer(
     state: ServerState,
-    request: web.BaseRequest,
+    request: Incoming,
     model: str,
     started: float,
     decode: Callable[[bytes, C, Limits], D],
@@ -200,14 +202,17 @@ def _batch_dim_missing(model: str, specs: tuple[TensorSpec, ...]) -> BadRequest:
     )
 
 
-async def _continue(request: web.BaseRequest) -> None:
+async def _continue(request: Incoming) -> None:
     """Answer `Expect: 100-continue` (curl sends it for bodies over 1 MiB, then waits a second
     for this), once the checks that need no body have passed: a refused client never sends
     its body. aiohttp's low-level server leaves this to the handler. Any other expectation is
-    one this server cannot meet: 417 (RFC 9110, 10.1.1)."""
+    one this server cannot meet: 417 (RFC 9110, 10.1.1). A request from another front
+    (incoming.BufferedRequest) came whole: its front answered the expectation."""
     expect = request.headers["Expect"]
     if expect.lower() != "100-continue":
         raise ExpectationFailed(f"Expect: {expect[:64]!r} cannot be met; only 100-continue can")
+    if not isinstance(request, web.BaseRequest):
+        return
     if request.version == HttpVersion11 and request.writer is not None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not part of the response
@@ -231,7 +236,7 @@ def _not_serving(state: ServerState) -> ServingError:
     return NotReady(f"the server is {state.phase.value}; retry when /readyz answers 200")
 
 
-async def list_models(state: ServerState, request: web.BaseRequest) -> web.Response:
+async def list_models(state: ServerState, request: Incoming) -> web.Response:
     devices = state.devices
     unavailable = _unavailable(state)
     models: list[dict[str, Any]] = []
@@ -266,11 +271,11 @@ async def list_models(state: ServerState, request: web.BaseRequest) -> web.Respo
     return _plain(request, {"models": models, "executors": executors})
 
 
-async def healthz(state: ServerState, request: web.BaseRequest) -> web.Response:
+async def healthz(state: ServerState, request: Incoming) -> web.Response:
     return _plain(request, {"status": "alive"})
 
 
-async def readyz(state: ServerState, request: web.BaseRequest) -> web.Response:
+async def readyz(state: ServerState, request: Incoming) -> web.Response:
     status, body = readiness(state)
     return _plain(request, body, status=status)
 
@@ -299,25 +304,25 @@ def _unavailable(state: ServerState) -> dict[str, str]:
     return {name: why for name, why in reasons.items() if why is not None}
 
 
-def readiness_probe(state: ServerState, request: web.BaseRequest) -> web.Response:
+def readiness_probe(state: ServerState, request: Incoming) -> web.Response:
     """/readyz asked without a token where one is needed: the status code and phase only."""
     status, body = readiness(state)
     return _plain(request, {"status": body["status"]}, status=status)
 
 
-async def metrics(state: ServerState, request: web.BaseRequest) -> web.Response:
+async def metrics(state: ServerState, request: Incoming) -> web.Response:
     text = state.metrics.render()
     return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-def _plain(request: web.BaseRequest, body: Any, status: int = 200) -> web.Response:
+def _plain(request: Incoming, body: Any, status: int = 200) -> web.Response:
     encoding = reply_encoding(request)
     return web.Response(
         status=status, body=encode(body, encoding), content_type=CONTENT_TYPE_OF[encoding]
     )
 
 
-def method_not_allowed(request: web.BaseRequest, allowed: str) -> web.Response:
+def method_not_allowed(request: Incoming, allowed: str) -> web.Response:
     error = error_for_code(
         ErrorCode.METHOD_NOT_ALLOWED.value,
         f"{request.method} is not allowed on {request.path}; use {allowed}",
@@ -325,7 +330,7 @@ def method_not_allowed(request: web.BaseRequest, allowed: str) -> web.Response:
     return error_response(error, reply_encoding(request), {"Allow": allowed})
 
 
-def not_found(request: web.BaseRequest) -> web.Response:
+def not_found(request: Incoming) -> web.Response:
     error = error_for_code(
         ErrorCode.NOT_FOUND.value, f"no such endpoint: {request.method} {request.path}"
     )

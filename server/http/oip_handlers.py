@@ -26,6 +26,7 @@ from server.errors import (
     error_for_code,
 )
 from server.http import handlers
+from server.http.incoming import Incoming
 from server.http.state import Endpoint, Phase, ServerState
 from server.protocol.oip import Framing, decode_infer_request
 from server.protocol.oip_response import (
@@ -78,7 +79,7 @@ def parse_route(path: str) -> Route | None:
     return None
 
 
-async def dispatch(state: ServerState, request: web.BaseRequest) -> web.StreamResponse:
+async def dispatch(state: ServerState, request: Incoming) -> web.Response:
     route = parse_route(request.path)
     if route is None:
         return error_response(NotFound(f"no such endpoint: {request.method} {request.path}"))
@@ -106,12 +107,12 @@ def error_response(error: ServingError, headers: dict[str, str] | None = None) -
     )
 
 
-def unauthorized(request: web.BaseRequest) -> web.Response:
+def unauthorized(request: Incoming) -> web.Response:
     error = Unauthorized("this server needs a bearer token: Authorization: Bearer <token>")
     return error_response(error, {"WWW-Authenticate": 'Bearer realm="microbatch"'})
 
 
-def _method_not_allowed(request: web.BaseRequest, allowed: str) -> web.Response:
+def _method_not_allowed(request: Incoming, allowed: str) -> web.Response:
     error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
     return error_response(error, {"Allow": allowed})
 
@@ -120,7 +121,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=dumps(body), content_type=JSON_TYPE)
 
 
-async def infer(state: ServerState, request: web.BaseRequest, route: Route) -> web.Response:
+async def infer(state: ServerState, request: Incoming, route: Route) -> web.Response:
     started = state.clock.now()
     model = route.model
     try:

@@ -29,7 +29,7 @@ class LimitedRequest(web.BaseRequest):
                 if payload.is_eof() and self._message.compression is None:
                     body = payload.read_nowait()
                     if len(body) > self._client_max_size:
-                        raise _too_large("max_body_bytes", self._client_max_size)
+                        raise too_large("max_body_bytes", self._client_max_size)
                 else:
                     body = await self._read_streaming()
             except (RequestPayloadError, HttpProcessingError) as exc:
@@ -47,7 +47,7 @@ class LimitedRequest(web.BaseRequest):
             limit, name = connection.limits.max_decompressed_bytes, "max_decompressed_bytes"
         declared = self.content_length
         if declared is not None and declared > sent_limit:
-            raise _too_large("max_body_bytes", sent_limit)  # refused before a byte is read
+            raise too_large("max_body_bytes", sent_limit)  # refused before a byte is read
         # One decompression step yields at most this much, so a bomb is caught at the limit.
         payload.set_read_chunk_size(limit + 1)
         stall = None if connection is None or payload.is_eof() else _StallTimer(connection)
@@ -55,11 +55,11 @@ class LimitedRequest(web.BaseRequest):
         try:
             while chunk := await payload.readany():
                 body.extend(chunk)
-                too_large = self._too_large(len(body), limit, name)
-                if too_large is not None:
+                refused = self._too_large(len(body), limit, name)
+                if refused is not None:
                     if encoded:
                         self._abandon_body()  # decompressing the rest would be wasted work
-                    raise too_large
+                    raise refused
                 if stall is not None:
                     stall.touch()
         finally:
@@ -69,9 +69,9 @@ class LimitedRequest(web.BaseRequest):
 
     def _too_large(self, size: int, limit: int, name: str) -> PayloadTooLarge | None:
         if size > limit:
-            return _too_large(name, limit)
+            return too_large(name, limit)
         if (self._payload.total_compressed_bytes or 0) > self._client_max_size:
-            return _too_large("max_body_bytes", self._client_max_size)  # as sent, compressed
+            return too_large("max_body_bytes", self._client_max_size)  # as sent, compressed
         return None
 
     def _abandon_body(self) -> None:
@@ -87,11 +87,15 @@ class LimitedRequest(web.BaseRequest):
 
 def _unreadable(exc: Exception) -> BadRequest:
     cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
-    why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+    return unreadable(cause.message if isinstance(cause, HttpProcessingError) else str(cause))
+
+
+def unreadable(why: str) -> BadRequest:
+    """A body that is not what its Content-Encoding says (incoming.py says it the same way)."""
     return BadRequest(f"the request body could not be read (corrupt or truncated?): {why}")
 
 
-def _too_large(setting: str, limit: int) -> PayloadTooLarge:
+def too_large(setting: str, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"body exceeds server.{setting} ({limit} bytes)")
 
 

@@ -1,7 +1,7 @@
 """What the HTTP handlers read: the served models, their queues, the pool and the server phase.
 
-Event loop only; built by lifecycle.py and handed to the path table (app.py), which passes it to
-every handler.
+Event loop only; built by the engine (server/engine.py) and handed to the path table (app.py),
+which passes it to every handler.
 """
 
 from __future__ import annotations

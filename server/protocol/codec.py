@@ -140,7 +140,7 @@ def decode(body: bytes, encoding: str, limits: Limits | None = None) -> Any:
 
 # msgpack's words for a length over a bound given to unpackb, e.g. "5000 exceeds max_str_len(4096)".
 _OVER_BOUND = re.compile(r"\d+ exceeds max_(str|bin|array|map|ext)_len\((\d+)\)")
-# The Limits field behind each bound, and the server setting that fills it (server/lifecycle.py).
+# The Limits field behind each bound, and the server setting that fills it (server/engine.py).
 _SETTING_OF = {
     "str": ("max_str_bytes", "server.max_msgpack_str_bytes"),
     "array": ("max_items", "server.max_msgpack_items"),
