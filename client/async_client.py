@@ -233,7 +233,7 @@ class AsyncClient:
         if info is not None and info.inputs:  # not listed or not loaded: the server decides
             if one_output and len(info.outputs) > 1:
                 raise TypeError(_several_outputs(model, [s.name for s in info.outputs]))
-            batched, samples, single = batch_form(info, inputs)
+            batched, samples, single, _ = batch_form(info, inputs)
             if not single and samples > info.max_batch_size:
                 parts = split(batched, samples, info.max_batch_size)
         base_id = request_id or uuid.uuid4().hex

@@ -16,7 +16,7 @@ import numpy as np
 from client.errors import BadRequest, server_error
 from client.model_info import ModelInfo
 from server.errors import ServingError
-from server.models.matching import match_inputs
+from server.models.matching import Matched, match_inputs
 from server.models.spec import SUPPORTED_DTYPES
 
 Inputs = np.ndarray | Mapping[str, np.ndarray]
@@ -49,15 +49,15 @@ def named_inputs(x: Inputs) -> dict[str, np.ndarray]:
     return arrays
 
 
-def batch_form(
-    info: ModelInfo, inputs: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], int, bool]:
-    """(inputs as [n, *sample] by the model's names, n, sent as one sample), or BadRequest.
+def batch_form(info: ModelInfo, inputs: dict[str, np.ndarray]) -> Matched:
+    """(inputs as [n, *sample] by the model's names, n, sent as one sample, length), or
+    BadRequest.
 
     The server's own check, run here so that a mistake costs no round trip and reads the same.
     """
+    max_length = int(info.batching.get("max_length", sys.maxsize))
     try:
-        return match_inputs(info.name, info.inputs, inputs, sys.maxsize)
+        return match_inputs(info.name, info.inputs, inputs, sys.maxsize, max_length)
     except ServingError as exc:
         raise server_error(exc.code.value, exc.message, exc.http_status) from None
 

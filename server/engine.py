@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+from server.batching.lengths import Lengths
 from server.batching.queue import BatchQueue
 from server.clock import MonotonicClock
 from server.config import Config
@@ -22,6 +23,7 @@ from server.errors import ShuttingDown
 from server.executors.cpu_pool import CpuPool, PoolStartError
 from server.http.state import Endpoint, Phase, ServerState
 from server.metrics import Metrics
+from server.models.spec import is_dynamic
 from server.protocol.codec import Limits
 from server.routing.devices import Devices
 
@@ -96,6 +98,11 @@ class Engine:
                 loop,
                 state.metrics,
                 calibrated=self._devices.calibrated_cost(name),
+                lengths=(
+                    Lengths.of(info.outputs, info.batching.length_aware)
+                    if is_dynamic(info.inputs)
+                    else None
+                ),
             )
             state.endpoints[name] = Endpoint(info, queue)
         return True

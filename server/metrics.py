@@ -38,6 +38,7 @@ LATENCY_BUCKETS_S = (
     10.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_LENGTH_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # Observations held back before bucketing; bounds memory between scrapes.
 _FLUSH_AT = 4096
 LabelledGauge = tuple[str, str, tuple[str, ...], Callable[[], dict[tuple[str, ...], float]]]
@@ -117,6 +118,10 @@ class Metrics(Collector):
         self._batch_size: defaultdict[tuple[str, ...], _LazyHistogram] = defaultdict(
             lambda: _LazyHistogram(BATCH_SIZE_BUCKETS)
         )
+        self._tokens: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._batch_length: defaultdict[tuple[str, ...], _LazyHistogram] = defaultdict(
+            lambda: _LazyHistogram(BATCH_LENGTH_BUCKETS)
+        )
         self._latency_sum: defaultdict[tuple[str, ...], float] = defaultdict(float)
         self._by_batch_size: dict[tuple[str, int], tuple[int, float]] = {}
         self._last_batch_at: dict[str, float] = {}
@@ -147,6 +152,13 @@ class Metrics(Collector):
         count, seconds = self._by_batch_size.get((model, batch.samples), (0, 0.0))
         self._by_batch_size[(model, batch.samples)] = (count + 1, seconds + compute_s)
         self._last_batch_at[model] = time.time()  # a timestamp for reports, never a duration
+
+    def padded_batch(self, model: str, batch: Batch) -> None:
+        """A batch of a model with a dynamic dimension: the positions its requests hold, the
+        positions computed (padded to the batch's length), and that length."""
+        self._tokens[(model, "requested")] += sum(r.samples * r.length for r in batch.requests)
+        self._tokens[(model, "computed")] += batch.samples * batch.length
+        self._batch_length[(model,)].observe(batch.length)
 
     def batch_failed(self, model: str, device: str, samples: int) -> None:
         self._batches[(model, device, "failed")] += 1
@@ -266,6 +278,19 @@ class Metrics(Collector):
             "Samples per dispatched batch.",
             ["model", "device"],
             self._batch_size,
+        )
+        yield _counter(
+            "microbatch_tokens",
+            "Positions of the dynamic dimension, by model: requested (the requests' own lengths) "
+            "and computed (padded to each batch's length); the difference is padding.",
+            ["model", "kind"],
+            self._tokens,
+        )
+        yield _histogram(
+            "microbatch_batch_length",
+            "The padded length of each batch of a model with a dynamic dimension.",
+            ["model"],
+            self._batch_length,
         )
         yield _histogram(
             "microbatch_batch_compute_seconds",

@@ -66,7 +66,7 @@ class FakeInstance:
     def bind_thread(self) -> None:
         pass
 
-    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
+    def submit(self, slot: int, inputs: list[Any], samples: int, length: int = 1) -> FakePending:
         import torch
 
         x = inputs[0][:samples]
@@ -98,7 +98,7 @@ class CpuStandIn:
     def bind_thread(self) -> None:
         pass
 
-    def submit(self, slot: int, inputs: list[Any], samples: int) -> FakePending:
+    def submit(self, slot: int, inputs: list[Any], samples: int, length: int = 1) -> FakePending:
         import torch
 
         if bool((inputs[0][:samples] == STICKY).any()):
@@ -150,8 +150,11 @@ def _serve(
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return
-    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = {n: (i.model.inputs, i.model.outputs, caps[n]) for n, i in first.items()}
+    sizes = {cfg.name: cfg.batching for cfg in setup.models}
+    layout = {
+        n: (i.model.inputs, i.model.outputs, sizes[n].max_batch_size, sizes[n].max_length)
+        for n, i in first.items()
+    }
     timings: dict[str, Points] = {
         model: [(n, seconds(n)) for n in sizes] for model, sizes in attach.plan.items()
     }

@@ -16,7 +16,7 @@ import pytest
 import tomllib
 
 from server.config import (
-    BUILTIN_MODELS,
+    DEFAULT_MODELS,
     BatchingConfig,
     Config,
     ConfigError,
@@ -62,7 +62,7 @@ def error(
 
 
 def builtins(batching: BatchingConfig) -> tuple[ModelConfig, ...]:
-    return tuple(ModelConfig(n, f"builtin:{n}", "builtin", (), batching) for n in BUILTIN_MODELS)
+    return tuple(ModelConfig(n, f"builtin:{n}", "builtin", (), batching) for n in DEFAULT_MODELS)
 
 
 DEFAULTS = Config(ServerSettings(), BatchingConfig(), WorkersConfig(), builtins(BatchingConfig()))
@@ -455,7 +455,8 @@ MODEL_ERRORS = [
     ("path = 'm.pt'\ninput = { shape = [1] }", "models.m.input.dtype must be one of"),
     (
         "path = 'm.pt'\ninput = { dtype = 'float32', shape = [0] }",
-        "models.m.input.shape must be a list of integers >= 1, got [0]",
+        "models.m.input.shape must be a list of integers >= 1 and at most one -1 (a length), "
+        "got [0]",
     ),
     ("path = 'm.pt'\ninput = { dtype = 'float32', shape = [true] }", "models.m.input.shape"),
     ("path = 'm.pt'\ninput = { dtype = 'float32', shape = 3 }", "models.m.input.shape"),
@@ -557,13 +558,19 @@ def test_parse_model_flag_forms(
 
 
 FLAG_PARSE_ERRORS = [
-    ("resnet", "'resnet' is not one of ('linear', 'mlp')"),
+    ("resnet", "'resnet' is not one of ('linear', 'mlp', 'encoder')"),
     ("=a.pt", "name '' may use only"),
     ("a b=a.pt", "name 'a b' may use only"),
     ("x=", "PATH is empty"),
     ("x=:float32[3]", "PATH is empty"),
-    ("x=y.pt:float32[a]", "input.shape must be a list of integers >= 1, got ['a']"),
-    ("x=y.pt:float32[0]", "input.shape must be a list of integers >= 1, got [0]"),
+    (
+        "x=y.pt:float32[a]",
+        "input.shape must be a list of integers >= 1 and at most one -1 (a length), got ['a']",
+    ),
+    (
+        "x=y.pt:float32[0]",
+        "input.shape must be a list of integers >= 1 and at most one -1 (a length), got [0]",
+    ),
     ("x=y.pt:float99[3]", "input.dtype must be one of float16"),
     ("x=y.pt:a=float99[3]", "a.dtype must be one of"),
     ("x=y.pt:float32", "bad input spec"),

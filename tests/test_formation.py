@@ -9,11 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.batching.formation import (
-    Choice,
     Waiting,
     arrival_order,
     by_length,
-    default_cost,
+    efficiency,
     window,
 )
 
@@ -48,6 +47,14 @@ def test_a_long_oldest_takes_the_longest_others_with_it() -> None:
 def test_equal_lengths_form_the_arrival_order_batch() -> None:
     waiting = queue(*[(1, 64)] * 20)
     assert by_length(waiting, max_batch=8) == arrival_order(waiting, 8)
+
+
+def test_a_short_oldest_rides_with_the_short_ones_not_padded_to_the_long_ones() -> None:
+    # Tokens per cost would pad the oldest (10) to 305 beside the three longest; efficiency
+    # keeps the short ones together and leaves the long ones a batch of their own.
+    waiting = queue((1, 10), (1, 300), (1, 12), (1, 290), (1, 11), (1, 305), (1, 9))
+    choice = by_length(waiting, max_batch=4)
+    assert sorted(waiting[i].length for i in choice.picked) == [9, 10, 11, 12]
 
 
 def test_a_request_that_fills_the_batch_alone_rides_alone() -> None:
@@ -85,7 +92,8 @@ def test_the_choice_is_valid_and_never_wastes_more_than_arrival_order(
     assert choice.samples == sum(waiting[i].samples for i in choice.picked)
     assert choice.length == max(waiting[i].length for i in choice.picked)
     assert choice.waste <= fifo.waste + 1e-9
-    assert rate(choice) >= rate(fifo) - 1e-12  # and gets at least as much done per cost
+    # and is at least as efficient (what the requests would cost alone over what it costs)
+    assert efficiency(waiting, choice, max_batch) >= efficiency(waiting, fifo, max_batch) - 1e-12
 
 
 @settings(max_examples=100, deadline=None)
@@ -105,8 +113,3 @@ def test_nothing_starves_each_request_rides_within_as_many_batches_as_are_older(
         left = [i for p, i in enumerate(left) if p not in set(choice.picked)]
         batch += 1
     assert all(rode_in[i] <= i for i in rode_in)  # at most one batch per request ahead of it
-
-
-def rate(choice: Choice) -> float:
-    spent = default_cost(np.array([choice.samples]), np.array([choice.length]))
-    return float(choice.tokens / spent[0])

@@ -14,9 +14,9 @@ TWO = (TensorSpec("a", "float32", (2,)), TensorSpec("b", "int64", (3,)))
 
 
 def test_single_input_accepts_any_name_and_one_or_many_samples() -> None:
-    inputs, samples, single = match_inputs("m", ONE, {"whatever": np.zeros(4, np.float32)}, 8)
+    inputs, samples, single, _ = match_inputs("m", ONE, {"whatever": np.zeros(4, np.float32)}, 8)
     assert (samples, single) == (1, True) and inputs["input"].shape == (1, 4)
-    inputs, samples, single = match_inputs("m", ONE, {"x": np.zeros((3, 4), np.float32)}, 8)
+    inputs, samples, single, _ = match_inputs("m", ONE, {"x": np.zeros((3, 4), np.float32)}, 8)
     assert (samples, single) == (3, False) and inputs["input"].shape == (3, 4)
 
 
@@ -61,3 +61,37 @@ def test_sample_limits() -> None:
         match_inputs("m", ONE, {"x": np.zeros((0, 4), np.float32)}, 8)
     with pytest.raises(BadRequest, match=r"expects one sample of shape \[4\]"):
         match_inputs("m", ONE, {"x": np.zeros((2, 5), np.float32)}, 8)
+
+
+DYN = (
+    TensorSpec("ids", "int64", (-1,)),
+    TensorSpec("frames", "float32", (-1, 2)),
+    TensorSpec("mask", "bool", (-1,), fill="padding_mask"),
+)
+
+
+def test_a_dynamic_dimension_takes_any_length_one_per_request() -> None:
+    one = {"ids": np.zeros(5, np.int64), "frames": np.zeros((5, 2), np.float32)}
+    inputs, samples, single, length = match_inputs("m", DYN, one, 8, 16)
+    assert (samples, single, length) == (1, True, 5) and inputs["frames"].shape == (1, 5, 2)
+    assert "mask" not in inputs  # the server fills it
+    many = {"ids": np.zeros((3, 7), np.int64), "frames": np.zeros((3, 7, 2), np.float32)}
+    assert match_inputs("m", DYN, many, 8, 16)[1:] == (3, False, 7)
+
+
+def test_lengths_must_agree_fit_max_length_and_not_be_empty() -> None:
+    def sent(ids: int, frames: int) -> dict[str, np.ndarray]:
+        return {"ids": np.zeros((1, ids), np.int64), "frames": np.zeros((1, frames, 2), np.float32)}
+
+    with pytest.raises(BadRequest, match=r"frames has length 4 but inputs\.ids has length 5"):
+        match_inputs("m", DYN, sent(5, 4), 8, 16)
+    with pytest.raises(BadRequest, match=r"length 17; model 'm' takes at most 16 \(max_length\)"):
+        match_inputs("m", DYN, sent(17, 17), 8, 16)
+    with pytest.raises(BadRequest, match="length 0"):
+        match_inputs("m", DYN, sent(0, 0), 8, 16)
+    with pytest.raises(BadRequest, match=r"n samples of shape \[n, L, 2\] \(L: any length\)"):
+        match_inputs(
+            "m", DYN, {"ids": np.zeros((1, 3), np.int64), "frames": np.zeros((1, 3, 3))}, 8, 16
+        )
+    with pytest.raises(BadRequest, match=r"unknown \['mask'\]"):
+        match_inputs("m", DYN, {**sent(3, 3), "mask": np.zeros((1, 3), bool)}, 8, 16)

@@ -98,7 +98,7 @@ class Harness:
         self.link.start(self.entry, self.setup, "microbatch-contract-test")
         loaded = await asyncio.wait_for(self.messages.get(), 120.0)
         assert isinstance(loaded, Loaded), loaded
-        layout = {name: (*specs, CAP) for name, specs in loaded.models.items()}
+        layout = {name: (*specs, CAP, 1) for name, specs in loaded.models.items()}
         self.staging = Staging(layout, SLOTS)
         self.link.send(Attach(self.staging.name, SLOTS, dict(plan)))
         ready = await asyncio.wait_for(self.messages.get(), 120.0)
@@ -123,7 +123,7 @@ class Harness:
         flight, _ = answer
         assert self.staging is not None
         batch = flight.batch
-        return self.staging.outputs(flight.slot, batch.model, batch.samples)["output"]
+        return self.staging.outputs(flight.slot, batch)["output"]
 
     async def close(self, stop: bool) -> int | None:
         self.link.close(stop=stop)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from server.config import BUILTIN_MODELS, ConfigError
+from server.config import DEFAULT_MODELS, ConfigError
 
 DESCRIPTION = (
     "Start a bare echo server (the HTTP ceiling), the server with batching off "
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         action="append",
-        choices=BUILTIN_MODELS,
+        choices=DEFAULT_MODELS,
         help="a built-in model to measure (repeatable; default: all)",
     )
     p.add_argument(
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.driver == "wrk" and not wrk_path():
         raise ConfigError("--driver wrk: wrk is not on PATH")
-    models = tuple(dict.fromkeys(args.model or BUILTIN_MODELS))
+    models = tuple(dict.fromkeys(args.model or DEFAULT_MODELS))
     settings = bench_settings(args.quick, args.rounds, models, args.driver)
 
     def log(line: str) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from bench.loadgen.errors import LoadGenError
 from bench.loadgen.lengths import LengthDist, draw_lengths
-from server.models.spec import TensorSpec
+from server.models.spec import TensorSpec, sent
 from server.protocol.codec import MSGPACK, encode, encode_tensor
 
 Bodies = tuple[bytes, ...]  # sent in turn
@@ -43,6 +43,7 @@ def build_bodies(
     lengths: LengthDist | None,
 ) -> Bodies:
     """The bodies of a run: one, or a pool of POOL with lengths drawn from `lengths`."""
+    specs = sent(specs)  # not the inputs the server fills (a padding mask, the lengths)
     dynamic = any(-1 in spec.shape for spec in specs)
     if not dynamic:
         if lengths is not None:

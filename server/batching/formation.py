@@ -5,9 +5,13 @@ No asyncio, no clock: the queue passes the snapshot in, and the rules are tested
 The oldest request is always in the batch (so its delay bound holds and nothing starves: every
 request becomes the oldest in time); the others are picked by length. For every padded length
 M the oldest allows, the candidate is the oldest plus the longest requests no longer than M,
-from M downward, as many as fit; the one with the most real tokens per second of expected cost
-wins, among those that waste no larger a share on padding than the batch of arrival order
-would. Arrival order itself is always a candidate, so the choice is never worse on padding.
+from M downward, as many as fit. Each is scored by its efficiency: what its requests would cost
+in an ideal world (each at its own length, the fixed cost shared by a full batch) over what the
+batch costs padded; the most efficient wins, among those that waste no larger a share on
+padding than the batch of arrival order would. Scoring tokens per second instead would be
+greedy: a short oldest request padded to ride with the longest ones looks cheap per token, and
+leaves the other short ones a batch of their own. Arrival order is always a candidate, so the
+choice is never worse on padding nor on efficiency.
 """
 
 from __future__ import annotations
@@ -99,10 +103,15 @@ def by_length(waiting: Sequence[Waiting], max_batch: int, cost: BatchCost = defa
     padded = np.maximum(longest, oldest.length)
     real = oldest.samples * oldest.length + tokens_below[ends + 1] - tokens_below[starts]
     waste = 1.0 - real / (n * padded)
-    rate = real / np.maximum(cost(n, padded), 1e-12)
+    fixed = _fixed(cost)
+    own = cost(samples, lengths) - fixed  # each request's cost at its own length, unshared
+    own_below = np.concatenate(([0.0], np.cumsum(own)))
+    oldest_own = float(cost(np.array([oldest.samples]), np.array([oldest.length]))[0]) - fixed
+    ideal = fixed * n / max_batch + oldest_own + own_below[ends + 1] - own_below[starts]
+    rate = ideal / np.maximum(cost(n, padded), 1e-12)
     rate[waste > fifo.waste + 1e-12] = -1.0  # never more padding than arrival order
     best = int(np.argmax(rate))
-    if rate[best] <= _rate(fifo, cost):
+    if rate[best] <= efficiency(waiting, fifo, max_batch, cost):
         return fifo
     picked = [0, *(int(i) for i in order[starts[best] : ends[best] + 1])]
     return _choice(waiting, sorted(picked))
@@ -115,12 +124,25 @@ def _choice(waiting: Sequence[Waiting], picked: Sequence[int]) -> Choice:
     return Choice(tuple(picked), samples, length, tokens)
 
 
-def _rate(choice: Choice, cost: BatchCost) -> float:
-    """Real tokens per second of expected cost."""
+def efficiency(
+    waiting: Sequence[Waiting], choice: Choice, max_batch: int, cost: BatchCost = default_cost
+) -> float:
+    """What the chosen requests would cost alone at their own lengths, with the fixed cost
+    shared as in a full batch, over what their padded batch costs: 1.0 is a full batch of equal
+    lengths; padding and a part-filled batch bring it down."""
     if choice.samples == 0:
         return 0.0
+    fixed = _fixed(cost)
+    picked = [waiting[i] for i in choice.picked]
+    own = cost(np.array([w.samples for w in picked]), np.array([w.length for w in picked]))
+    ideal = fixed * choice.samples / max_batch + float(np.sum(own - fixed))
     spent = cost(np.array([choice.samples]), np.array([choice.length]))
-    return float(choice.tokens / max(float(spent[0]), 1e-12))
+    return ideal / max(float(spent[0]), 1e-12)
+
+
+def _fixed(cost: BatchCost) -> float:
+    """The cost's fixed part: a batch of nothing."""
+    return float(cost(np.array([0]), np.array([0]))[0])
 
 
 def window(max_batch: int) -> int:

@@ -33,6 +33,7 @@ class PendingRequest:
     future: asyncio.Future[RequestResult]
     request_id: str | None = None
     dispatched_at: float = field(default=0.0)
+    length: int = 1  # its dynamic dimension, for a model that has one
 
     def is_gone(self) -> bool:
         """The handler gave up (client disconnected or cancelled): never compute it."""

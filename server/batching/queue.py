@@ -18,6 +18,7 @@ import numpy as np
 from server.batching.admission import Admission, admit
 from server.batching.bisection import halves, should_bisect
 from server.batching.estimate import BatchTime, Prior
+from server.batching.lengths import Lengths
 from server.batching.pending import PendingRequest, RequestResult, reject, resolve
 from server.batching.policy import QueueSnapshot, decide
 from server.batching.running import Running
@@ -46,9 +47,12 @@ class BatchQueue:
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics,
         calibrated: Prior | None = None,
+        lengths: Lengths | None = None,
     ) -> None:
         """`calibrated`: the model's calibrated batch cost (seconds for n samples), where
-        there is one: what the batch-time estimate returns to once its evidence is old."""
+        there is one: what the batch-time estimate returns to once its evidence is old.
+        `lengths`: for a model with a dynamic dimension, how its batches are formed by length
+        and its answers cut to each request's length."""
         self.model = model
         self.settings = settings
         self._dispatcher = dispatcher
@@ -67,6 +71,7 @@ class BatchQueue:
         # case of nothing expired costs one comparison rather than a scan.
         self._earliest_deadline = float("inf")
         self._estimate = BatchTime(calibrated)
+        self._lengths = lengths
         self._running = Running()
         # Halves of poisoned batches (still counted in flight), run ahead of everything queued.
         self._retries: deque[list[PendingRequest]] = deque()
@@ -233,7 +238,7 @@ class BatchQueue:
                 else:
                     live.append(request)
             if live:
-                self._send(Batch(self.model, live, sum(r.samples for r in live)), now)
+                self._send(self._batch(live), now)
 
     def _cutoff(self, now: float) -> float:
         """Deadlines up to this are lost: a batch dispatched now would answer after them."""
@@ -261,12 +266,16 @@ class BatchQueue:
             ),
         )
 
+    def _batch(self, requests: list[PendingRequest]) -> Batch:
+        samples = sum(r.samples for r in requests)
+        if self._lengths is None:
+            return Batch(self.model, requests, samples)
+        return Batch(self.model, requests, samples, max(r.length for r in requests))
+
     def _take(self, now: float) -> Batch | None:
         requests: list[PendingRequest] = []
         samples = 0
-        limit = self.settings.max_batch_size
-        while self._pending and samples + self._pending[0].samples <= limit:
-            request = self._pending.popleft()
+        for request in self._next_requests():
             self._queued_samples -= request.samples
             if request.is_gone():
                 self._metrics.request_dropped(self.model, "client_gone")
@@ -280,7 +289,22 @@ class BatchQueue:
             self._note_idle()
             return None
         self._in_flight_samples += samples
-        return Batch(self.model, requests, samples)
+        return self._batch(requests)
+
+    def _next_requests(self) -> list[PendingRequest]:
+        """The requests of the next batch, taken from the queue: the oldest that fit, or for a
+        model with a dynamic dimension, those its length policy picks among the oldest."""
+        pending, limit = self._pending, self.settings.max_batch_size
+        if self._lengths is None:
+            taken, samples = [], 0
+            while pending and samples + pending[0].samples <= limit:
+                taken.append(pending.popleft())
+                samples += taken[-1].samples
+            return taken
+        head = [pending.popleft() for _ in range(min(len(pending), self._lengths.window(limit)))]
+        picked = set(self._lengths.pick(head, limit))
+        pending.extendleft(reversed([r for i, r in enumerate(head) if i not in picked]))
+        return [r for i, r in enumerate(head) if i in picked]
 
     def _expire(self, now: float) -> None:
         """Answer 504 for every queued request whose deadline is lost; it is never computed."""
@@ -338,9 +362,12 @@ class BatchQueue:
         compute_ms = outcome.compute_s * 1000.0
         self._count_non_finite(outcome.outputs)
         offset = 0
+        lengths = self._lengths
         for request in batch.requests:
             end = offset + request.samples
-            if request.single:
+            if lengths is not None:
+                outputs = lengths.answer(outcome.outputs, slice(offset, end), request)
+            elif request.single:
                 outputs = {name: arr[offset] for name, arr in outcome.outputs.items()}
             else:
                 outputs = {name: arr[offset:end] for name, arr in outcome.outputs.items()}
@@ -351,6 +378,8 @@ class BatchQueue:
                 RequestResult(outputs, batch.samples, outcome.device, queue_ms, compute_ms),
             )
         self._metrics.batch_done(self.model, outcome.device, batch, outcome.compute_s)
+        if lengths is not None:
+            self._metrics.padded_batch(self.model, batch)
 
     def _count_non_finite(self, outputs: dict[str, np.ndarray]) -> None:
         """Samples whose outputs hold NaN or infinity (answered as they are: see codec.py)."""

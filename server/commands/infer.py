@@ -22,6 +22,7 @@ from server.commands.remote import format_prediction
 from server.config import Config, ConfigError, Flags, ModelConfig, load_config
 from server.errors import BadRequest
 from server.models.matching import match_inputs
+from server.models.padding import batch_length, filled
 
 if TYPE_CHECKING:
     from server.models.loading import LoadedModel
@@ -130,13 +131,18 @@ def _match_input(
     file named where the server would name the request field."""
     samples = max(array.shape[0] if array.ndim else 1, 1)  # any sample count fits in-process
     try:
-        inputs, _, single = match_inputs(model_name, model.inputs, {"input": array}, samples)
+        matched = match_inputs(model_name, model.inputs, {"input": array}, samples, sys.maxsize)
     except BadRequest as exc:
         field = "inputs.input "
         text = str(exc)
         if text.startswith(field):
             raise ConfigError(f"--input {path} {text.removeprefix(field)}") from None
         raise ConfigError(f"--input {path}: {text}") from None
+    inputs, samples, single, length = matched
+    lengths = np.full(samples, length, dtype=np.int64)  # one request: no padding
+    for spec in model.inputs:
+        if spec.fill:
+            inputs[spec.name] = filled(spec, lengths, length)
     return inputs, single
 
 
@@ -154,9 +160,9 @@ def _run_on_gpu(
     from server.executors.cuda_instance import CudaInstance, DeviceCap
 
     arrays = [np.ascontiguousarray(inputs[s.name], dtype=s.np_dtype) for s in model.inputs]
-    n = int(arrays[0].shape[0])
+    n, length = int(arrays[0].shape[0]), batch_length(model.inputs, arrays)
     device = torch.device("cuda", 0)
-    instance = CudaInstance(model, device, cfg.placement, n, DeviceCap(n), slots=1)
+    instance = CudaInstance(model, device, cfg.placement, n, DeviceCap(n), 1, length)
     out("Processing input on GPU...")
     instance.run_blocking(arrays)  # warm-up: the first call pays for lazy initialisation
     started = time.perf_counter()

@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME[=PATH[:SPEC]]",
-        help="serve a model (repeatable): a built-in name (linear, mlp), NAME=model.pt2, or "
-        "NAME=model.pt:float32[16] for TorchScript (several inputs: "
+        help="serve a model (repeatable): a built-in name (linear, mlp, encoder), NAME=model.pt2, "
+        "or NAME=model.pt:float32[16] for TorchScript (several inputs: "
         "NAME=m.pt:a=float32[3];b=int64[2])",
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")

@@ -7,6 +7,7 @@ Main thread at start-up; no torch, no aiohttp.
 from server.config.loading import load_config, parse_model_flag
 from server.config.schema import (
     BUILTIN_MODELS,
+    DEFAULT_MODELS,
     FORMATS,
     HALF_PRECISIONS,
     LOG_LEVELS,
@@ -25,6 +26,7 @@ from server.config.schema import (
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DEFAULT_MODELS",
     "FORMATS",
     "HALF_PRECISIONS",
     "LOG_LEVELS",

@@ -53,6 +53,7 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_batch_size": ("be >= 1", lambda v: v >= 1),
     "max_delay_ms": ("be >= 0", lambda v: v >= 0),
     "max_queue_size": ("be >= 1", lambda v: v >= 1),
+    "max_length": ("be >= 1", lambda v: v >= 1),
     "timeout_ms": ("be > 0", lambda v: v > 0),
     "log_level": (f"be one of {', '.join(LOG_LEVELS)}", lambda v: v in LOG_LEVELS),
     "routing": (f"be one of {', '.join(ROUTINGS)}", lambda v: v in ROUTINGS),

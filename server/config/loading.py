@@ -29,6 +29,7 @@ from server.config.checks import (
 )
 from server.config.schema import (
     BUILTIN_MODELS,
+    DEFAULT_MODELS,
     FORMATS,
     BatchingConfig,
     Config,
@@ -40,7 +41,7 @@ from server.config.schema import (
     ServerSettings,
     WorkersConfig,
 )
-from server.models.spec import SUPPORTED_DTYPES, TensorSpec
+from server.models.spec import DYNAMIC, FILLS, SUPPORTED_DTYPES, TensorSpec, is_dynamic, sent
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -202,7 +203,7 @@ def _models(
     if not models:
         models = {
             n: ModelConfig(n, f"builtin:{n}", "builtin", (), base, placement)
-            for n in BUILTIN_MODELS
+            for n in DEFAULT_MODELS
         }
     return tuple(models.values())
 
@@ -270,8 +271,14 @@ def _toml_inputs(where: str, table: Mapping[str, Any]) -> tuple[TensorSpec, ...]
         raise ConfigError(f"{where}: give `input` or `inputs`, not both")
     if "input" in table:
         return (_tensor(f"{where}.input", "input", table["input"]),)
-    inputs = table_of(f"{where}.inputs", table.get("inputs", {}))
-    return tuple(_tensor(f"{where}.inputs.{n}", n, t) for n, t in inputs.items())
+    raw = table_of(f"{where}.inputs", table.get("inputs", {}))
+    inputs = tuple(_tensor(f"{where}.inputs.{n}", n, t) for n, t in raw.items())
+    if any(s.fill for s in inputs) and not is_dynamic(sent(inputs)):
+        raise ConfigError(
+            f"{where}: an input with `fill` needs another input with a dynamic dimension (-1) "
+            "whose length it describes"
+        )
+    return inputs
 
 
 def _flag_inputs(where: str, spec: str) -> tuple[TensorSpec, ...]:
@@ -292,16 +299,31 @@ def _flag_inputs(where: str, spec: str) -> tuple[TensorSpec, ...]:
 def _flag_table(dtype: str, dims: str) -> dict[str, object]:
     """A SPEC item in the TOML table shape, so that one check serves both."""
     parts = [d.strip() for d in dims.split(",")] if dims.strip() else []
-    return {"dtype": dtype, "shape": [int(p) if p.isascii() and p.isdigit() else p for p in parts]}
+    return {"dtype": dtype, "shape": [int(p) if re.fullmatch(r"-?[0-9]+", p) else p for p in parts]}
 
 
 def _tensor(where: str, name: str, raw: object) -> TensorSpec:
     check_name(where, name)
     table = table_of(where, raw)
-    reject_unknown(table, ("dtype", "shape"), where)
+    reject_unknown(table, ("dtype", "shape", "pad", "fill"), where)
     dtype, shape = table.get("dtype"), table.get("shape")
+    pad, fill = table.get("pad", 0), table.get("fill", "")
     if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
         raise ConfigError(f"{where}.dtype must be one of {_DTYPES}, got {show(dtype)}")
-    if not isinstance(shape, list) or not all(is_int(d) and d >= 1 for d in shape):
-        raise ConfigError(f"{where}.shape must be a list of integers >= 1, got {show(shape)}")
-    return TensorSpec(name, dtype, tuple(shape))
+    if (
+        not isinstance(shape, list)
+        or not all(is_int(d) and (d >= 1 or d == DYNAMIC) for d in shape)
+        or shape.count(DYNAMIC) > 1
+    ):
+        raise ConfigError(
+            f"{where}.shape must be a list of integers >= 1 and at most one -1 (a length), "
+            f"got {show(shape)}"
+        )
+    if isinstance(pad, bool) or not isinstance(pad, int | float):
+        raise ConfigError(f"{where}.pad must be a number (the padding value), got {show(pad)}")
+    if fill not in ("", *FILLS):
+        raise ConfigError(f"{where}.fill must be one of {', '.join(FILLS)}, got {show(fill)}")
+    if fill and shape != ([] if fill == "lengths" else [DYNAMIC]):
+        want = "[]" if fill == "lengths" else "[-1]"
+        raise ConfigError(f"{where}: an input with fill = {fill!r} has shape {want}")
+    return TensorSpec(name, dtype, tuple(shape), pad, fill)

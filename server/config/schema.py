@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass
 
 from server.models.spec import TensorSpec
 
-BUILTIN_MODELS: tuple[str, ...] = ("linear", "mlp")
+BUILTIN_MODELS: tuple[str, ...] = ("linear", "mlp", "encoder")
+# Served when no model is configured: the encoder is served when asked for (--model encoder),
+# as its warm-up and calibration at max_length take seconds.
+DEFAULT_MODELS: tuple[str, ...] = ("linear", "mlp")
 FORMATS: tuple[str, ...] = ("builtin", "torchscript", "export")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 ROUTINGS: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -33,6 +36,9 @@ class BatchingConfig:
     max_delay_ms: float = 5.0
     max_queue_size: int = 2048
     timeout_ms: float = 10000.0
+    # Models with a dynamic dimension (token ids, frames) only:
+    max_length: int = 512  # the longest a request may be; shared memory is sized for it
+    length_aware: bool = True  # batch similar lengths together; false: arrival order, padded
 
 
 @dataclass(frozen=True)

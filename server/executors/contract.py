@@ -147,20 +147,22 @@ class Ready:
 
 @dataclass(slots=True)
 class Run:
-    """Run the batch staged in `slot`: its first `samples` rows of the model's inputs."""
+    """Run the batch staged in `slot`: its first `samples` rows of the model's inputs, padded
+    to `length` where the model has a dynamic dimension (1 otherwise)."""
 
     TAG: ClassVar[str] = "run"
     seq: int
     slot: int
     model: str
     samples: int
+    length: int = 1
 
     def to_wire(self) -> list[Any]:
-        return [self.TAG, self.seq, self.slot, self.model, self.samples]
+        return [self.TAG, self.seq, self.slot, self.model, self.samples, self.length]
 
     @classmethod
     def from_wire(cls, fields: list[Any]) -> Run:
-        return cls(fields[1], fields[2], fields[3], fields[4])  # the hot path: no conversions
+        return cls(fields[1], fields[2], fields[3], fields[4], fields[5])  # hot: no conversions
 
 
 @dataclass(slots=True)

@@ -172,7 +172,7 @@ class CpuPool:
         self._workers[link.index].busy_slots[flight.slot] = False
         batch = flight.batch
         if isinstance(message, Done):
-            outputs = self._staging[link.index].outputs(flight.slot, batch.model, batch.samples)
+            outputs = self._staging[link.index].outputs(flight.slot, batch)
             # The next batch goes to the worker before this one's answers are written, so the
             # worker computes while the event loop answers.
             self._capacity_freed()
@@ -214,7 +214,10 @@ class CpuPool:
             )
             return
         if link.index not in self._staging:
-            layout = {n: (m.inputs, m.outputs, m.batching.max_batch_size) for n, m in infos.items()}
+            layout = {
+                n: (m.inputs, m.outputs, m.batching.max_batch_size, m.batching.max_length)
+                for n, m in infos.items()
+            }
             self._staging[link.index] = Staging(layout, SLOTS_PER_WORKER)
         plan = self._calibrate if link.index == 0 and not self._started else {}
         link.send(Attach(self._staging[link.index].name, SLOTS_PER_WORKER, plan))

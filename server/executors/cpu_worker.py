@@ -31,11 +31,13 @@ from server.executors.contract import (
 )
 from server.executors.profiling import time_sizes_blocking, zero_inputs
 from server.executors.worker_channel import Channel
-from server.executors.worker_segment import SegmentViews, attached
+from server.executors.worker_segment import Segment, attached
 from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
+from server.models.padding import zero_batch
+from server.models.spec import TensorSpec, is_dynamic
 
 if TYPE_CHECKING:
-    from server.config import ModelConfig
+    from server.config import BatchingConfig, ModelConfig
 
 WARMUP_ROUNDS = 3
 
@@ -60,8 +62,11 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return  # the server is gone, or stopping
-    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = {name: (m.inputs, m.outputs, caps[name]) for name, m in models.items()}
+    sizes = {cfg.name: cfg.batching for cfg in setup.models}
+    layout = {
+        n: (m.inputs, m.outputs, sizes[n].max_batch_size, sizes[n].max_length)
+        for n, m in models.items()
+    }
     with attached(attach, layout) as views:
         channel.send(Ready(profile_cpu_blocking(models, attach.plan), {}, []))
         channel.serve_blocking(functools.partial(_run, channel, models, views))
@@ -70,28 +75,40 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
 def _load_and_warm(cfg: ModelConfig) -> LoadedModel:
     model = load_model(cfg)
     with torch.inference_mode():
-        for n in sorted({1, cfg.batching.max_batch_size}):
-            tensors = [
-                torch.zeros((n, *s.shape), dtype=getattr(torch, s.dtype)) for s in model.inputs
-            ]
+        for n, length, rounds in warm_up_shapes(model.inputs, cfg.batching):
+            tensors = [torch.from_numpy(a) for a in zero_batch(model.inputs, n, length)]
             try:
-                for _ in range(WARMUP_ROUNDS):
+                for _ in range(rounds):
                     model.run(tensors)
             except Exception as exc:  # the model's own failure: named and reported, as plain text
                 lines = str(exc).strip().splitlines()
+                at = f"batch size {n}" + (f", length {length}" if is_dynamic(model.inputs) else "")
                 raise ModelLoadError(
-                    f"model {cfg.name!r} failed to warm up at batch size {n}: "
+                    f"model {cfg.name!r} failed to warm up at {at}: "
                     f"{type(exc).__name__}: {lines[-1] if lines else ''}"
                 ) from None
     return model
 
 
-def _run(channel: Channel, models: dict[str, LoadedModel], views: SegmentViews, run: Run) -> None:
-    inputs, outputs = views[run.slot][run.model]
-    samples = run.samples
+def warm_up_shapes(
+    inputs: tuple[TensorSpec, ...], batching: BatchingConfig
+) -> list[tuple[int, int, int]]:
+    """(samples, length, rounds) to warm up at: the smallest and largest batch; for a model
+    with a dynamic dimension, a short and the longest length too (the longest batch once: it
+    can take a second)."""
+    sizes = sorted({1, batching.max_batch_size})
+    if not is_dynamic(inputs):
+        return [(n, 1, WARMUP_ROUNDS) for n in sizes]
+    short, longest = min(8, batching.max_length), batching.max_length
+    shapes = [(n, short, WARMUP_ROUNDS) for n in sizes] + [(1, longest, WARMUP_ROUNDS)]
+    return [*shapes, (batching.max_batch_size, longest, 1)]
+
+
+def _run(channel: Channel, models: dict[str, LoadedModel], segment: Segment, run: Run) -> None:
+    inputs, outputs = segment.batch(run.slot, run.model, run.samples, run.length)
     started = time.perf_counter()
     try:
-        _run_batch(models[run.model], [t[:samples] for t in inputs], outputs, samples)
+        _run_batch(models[run.model], inputs, outputs, run.samples, run.length)
     except Exception as exc:  # a model's own failure: reported, the worker lives on
         text = str(exc).strip().splitlines()
         detail = text[-1] if text else ""
@@ -126,9 +143,13 @@ def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: in
 
 
 def _run_batch(
-    model: LoadedModel, inputs: list[torch.Tensor], outputs: list[torch.Tensor], samples: int
+    model: LoadedModel,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    samples: int,
+    length: int,
 ) -> None:
     with torch.inference_mode():
         result = model.run(inputs)
         for spec, target in zip(model.outputs, outputs, strict=True):
-            target[:samples].copy_(declared_output(result, spec, samples))
+            target.copy_(declared_output(result, spec, samples, length))

@@ -84,8 +84,14 @@ class CudaExecutor:
         self.specs.update(loaded.models)
         self._phase = loop.create_future()
         slots = max(len(s) for s in self._busy.values())
-        caps = {n: self._configs[n].batching.max_batch_size for n in self.specs}
-        self._staging = Staging({n: (*s, caps[n]) for n, s in self.specs.items()}, slots)
+        batching = {n: self._configs[n].batching for n in self.specs}
+        self._staging = Staging(
+            {
+                n: (*s, batching[n].max_batch_size, batching[n].max_length)
+                for n, s in self.specs.items()
+            },
+            slots,
+        )
         sizes = {name: list(sizes) for name, sizes in plan.items()}
         self._link.send(Attach(self._staging.name, slots, sizes))
         ready = await asyncio.wait_for(self._phase, timeout_s)
@@ -184,7 +190,7 @@ class CudaExecutor:
             return
         if isinstance(message, Done):
             assert self._staging is not None
-            outputs = self._staging.outputs(flight.slot, batch.model, batch.samples)
+            outputs = self._staging.outputs(flight.slot, batch)
             self._note_cap(batch.model, message.cap, batch.samples)
             flight.done(batch, BatchDone(outputs, message.compute_s, self.device))
         else:

@@ -6,14 +6,15 @@ for `microbatch infer --device gpu` and `microbatch compare`. Imports torch; the
 loop process never imports this module.
 
 Per slot the instance owns a pinned host input buffer, a device input buffer and a pinned host
-output buffer, allocated once at the model's max batch size. A batch is staged into pinned
-memory, copied to the device on the copy stream, computed and copied back on the compute
-stream; with two slots the next batch's host-to-device copy overlaps the current compute.
+output buffer, allocated once at the model's max batch size (and max length). A batch is staged
+into pinned memory, copied to the device on the copy stream, computed and copied back on the
+compute stream; with two slots the next batch's host-to-device copy overlaps the current compute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ import torch
 
 from server.config import Placement
 from server.models.loading import LoadedModel, declared_output
+from server.models.padding import batch_length, zero_batch
+from server.models.spec import TensorSpec
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -104,6 +107,7 @@ class CudaInstance:
         max_batch: int,
         cap: DeviceCap,
         slots: int = 2,
+        max_length: int = 1,
     ) -> None:
         self.model = model
         self.device = device
@@ -116,20 +120,29 @@ class CudaInstance:
             model.module = torch.compile(model.module)
         self._copy = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self._compute = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        self._pinned_in = [self._host(model.inputs) for _ in range(slots)]
-        self._device_in = [
-            [
-                torch.empty((max_batch, *s.shape), dtype=_dtype(s.dtype), device=device)
-                for s in model.inputs
-            ]
-            for _ in range(slots)
-        ]
-        self._pinned_out = [self._host(model.outputs) for _ in range(slots)]
+        # Flat buffers with room for max_batch samples at max_length; a batch uses the front
+        # as [samples, *shape at its length] (one shape for a fixed-shape model).
+        self.max_length = max_length
+        self._pinned_in = [self._flat(model.inputs, pin_memory=True) for _ in range(slots)]
+        self._device_in = [self._flat(model.inputs, device=device) for _ in range(slots)]
+        self._pinned_out = [self._flat(model.outputs, pin_memory=True) for _ in range(slots)]
 
-    def _host(self, specs: Sequence[Any]) -> list[torch.Tensor]:
+    def _flat(self, specs: Sequence[TensorSpec], **where: Any) -> list[torch.Tensor]:
         return [
-            torch.empty((self.max_batch, *s.shape), dtype=_dtype(s.dtype), pin_memory=True)
+            torch.empty(
+                self.max_batch * s.sample_elements(self.max_length), dtype=_dtype(s.dtype), **where
+            )
             for s in specs
+        ]
+
+    @staticmethod
+    def _at(
+        flats: Sequence[torch.Tensor], specs: Sequence[TensorSpec], samples: int, length: int
+    ) -> list[torch.Tensor]:
+        """Each flat buffer's front as a [samples, *shape at length] tensor."""
+        return [
+            flat[: samples * s.sample_elements(length)].view(samples, *s.at_length(length))
+            for flat, s in zip(flats, specs, strict=True)
         ]
 
     def bind_thread(self) -> None:
@@ -137,17 +150,24 @@ class CudaInstance:
         device 0, whatever the process chose)."""
         torch.cuda.set_device(self.device)
 
-    def submit(self, slot: int, host_inputs: Sequence[torch.Tensor], samples: int) -> Pending:
-        """Queue one batch on the device and return at once (out-of-memory splits excepted)."""
+    def submit(
+        self, slot: int, host_inputs: Sequence[torch.Tensor], samples: int, length: int = 1
+    ) -> Pending:
+        """Queue one batch on the device and return at once (out-of-memory splits excepted).
+        `length`: the batch's padded length, for a model with a dynamic dimension."""
         started = time.perf_counter()
-        for pinned, src in zip(self._pinned_in[slot], host_inputs, strict=True):
-            pinned[:samples].copy_(src[:samples])
+        specs = self.model.inputs
+        pinned_in = self._at(self._pinned_in[slot], specs, samples, length)
+        for pinned, src in zip(pinned_in, host_inputs, strict=True):
+            pinned.copy_(src[:samples])
         staged_s = time.perf_counter() - started
         events = tuple(_timing_event() for _ in range(4))
+        device_in = self._at(self._device_in[slot], specs, samples, length)
+        outputs = self._at(self._pinned_out[slot], self.model.outputs, samples, length)
         with torch.cuda.stream(self._copy):
             events[0].record()
-            for dst, pinned in zip(self._device_in[slot], self._pinned_in[slot], strict=True):
-                dst[:samples].copy_(pinned[:samples], non_blocking=True)
+            for dst, pinned in zip(device_in, pinned_in, strict=True):
+                dst.copy_(pinned, non_blocking=True)
             events[1].record()
         self._compute.wait_event(events[1])
         with torch.cuda.stream(self._compute), torch.inference_mode(), self._autocast():
@@ -155,18 +175,24 @@ class CudaInstance:
             run_in_chunks(
                 samples,
                 self.cap,
-                lambda lo, hi: self._forward(slot, lo, hi),
+                lambda lo, hi: self._forward(device_in, outputs, lo, hi, length),
                 is_oom,
                 torch.cuda.empty_cache,
             )
             events[3].record()
-        outputs = [t[:samples] for t in self._pinned_out[slot]]
         return Pending(samples, outputs, events, staged_s)
 
-    def _forward(self, slot: int, lo: int, hi: int) -> None:
-        result = self.model.run([t[lo:hi] for t in self._device_in[slot]])
-        for spec, target in zip(self.model.outputs, self._pinned_out[slot], strict=True):
-            produced = declared_output(result, spec, hi - lo)
+    def _forward(
+        self,
+        device_in: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        lo: int,
+        hi: int,
+        length: int,
+    ) -> None:
+        result = self.model.run([t[lo:hi] for t in device_in])
+        for spec, target in zip(self.model.outputs, outputs, strict=True):
+            produced = declared_output(result, spec, hi - lo, length)
             target[lo:hi].copy_(produced.to(target.dtype), non_blocking=True)
 
     def run_blocking(
@@ -174,19 +200,23 @@ class CudaInstance:
     ) -> tuple[dict[str, np.ndarray], float]:
         """One batch from host arrays to host arrays: (outputs by name, compute seconds)."""
         samples = int(inputs[0].shape[0])
+        length = batch_length(self.model.inputs, inputs)
         pending = self.submit(
-            slot, [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs], samples
+            slot, [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs], samples, length
         )
         compute_s = pending.wait_blocking()
         names = [s.name for s in self.model.outputs]
         return {n: t.numpy().copy() for n, t in zip(names, pending.outputs, strict=True)}, compute_s
 
-    def warm_blocking(self, sizes: Sequence[int], rounds: int = 2) -> list[str]:
-        """Runs every size (compiling, if asked, and filling the allocator's cache); returns
-        notes for the server's log, such as a compile that failed and fell back to eager."""
+    def warm_blocking(
+        self, sizes: Sequence[int], rounds: int = 2, lengths: Sequence[int] = (1,)
+    ) -> list[str]:
+        """Runs every size at every length (compiling, if asked, and filling the allocator's
+        cache); returns notes for the server's log, such as a compile that failed and fell
+        back to eager."""
         notes = []
-        for n in sizes:
-            zeros = [np.zeros((n, *s.shape), dtype=s.np_dtype) for s in self.model.inputs]
+        for n, length in itertools.product(sizes, lengths):
+            zeros = zero_batch(self.model.inputs, n, length)
             for _ in range(rounds):
                 try:
                     self.run_blocking(zeros)

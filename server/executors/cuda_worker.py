@@ -37,8 +37,9 @@ from server.executors.cuda_failure import classify, describe
 from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
 from server.executors.profiling import calibration_sizes, time_sizes_blocking, zero_inputs
 from server.executors.worker_channel import Channel
-from server.executors.worker_segment import SegmentViews, attached
+from server.executors.worker_segment import Segment, attached
 from server.models.loading import load_model
+from server.models.spec import is_dynamic
 
 
 def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
@@ -56,8 +57,8 @@ def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
     attach = channel.recv_blocking()
     if not isinstance(attach, Attach):
         return
-    caps = {cfg.name: cfg.batching.max_batch_size for cfg in setup.models}
-    layout = {name: (*specs[name], caps[name]) for name in specs}
+    sizes = {cfg.name: cfg.batching for cfg in setup.models}
+    layout = {n: (*specs[n], sizes[n].max_batch_size, sizes[n].max_length) for n in specs}
     with attached(attach, layout) as views:
         if _warm_and_time(channel, setup.device_index, instances, attach.plan):
             serve_blocking(channel, instances, views)
@@ -98,6 +99,7 @@ def _load(setup: CudaSetup) -> dict[str, list[CudaInstance]]:
                 cfg.batching.max_batch_size,
                 cap,
                 SLOTS_PER_INSTANCE,
+                cfg.batching.max_length,
             )
             for _ in range(cfg.placement.cuda_instances)
         ]
@@ -105,7 +107,10 @@ def _load(setup: CudaSetup) -> dict[str, list[CudaInstance]]:
 
 
 def _warm(instance: CudaInstance) -> list[str]:
-    return instance.warm_blocking(calibration_sizes(instance.max_batch))
+    lengths = sorted({min(8, instance.max_length), instance.max_length})
+    if not is_dynamic(instance.model.inputs):
+        lengths = [1]
+    return instance.warm_blocking(calibration_sizes(instance.max_batch), lengths=lengths)
 
 
 def _profile(instance: CudaInstance, sizes: list[int]) -> Points:
@@ -118,11 +123,11 @@ def _profile(instance: CudaInstance, sizes: list[int]) -> Points:
 
 
 def serve_blocking(
-    channel: Channel, instances: dict[str, list[CudaInstance]], views: SegmentViews
+    channel: Channel, instances: dict[str, list[CudaInstance]], segment: Segment
 ) -> None:
     """Hands each Run to its instance's lane until Stop, then lets the lanes finish."""
     lanes = {
-        (name, k): _Lane(instance, views, channel)
+        (name, k): _Lane(instance, segment, channel)
         for name, group in instances.items()
         for k, instance in enumerate(group)
     }
@@ -138,8 +143,8 @@ def serve_blocking(
 class _Lane:
     """One instance's two threads: issue (stage, copy, launch) and completion (wait, answer)."""
 
-    def __init__(self, instance: CudaInstance, views: SegmentViews, channel: Channel) -> None:
-        self.instance, self._views, self._channel = instance, views, channel
+    def __init__(self, instance: CudaInstance, segment: Segment, channel: Channel) -> None:
+        self.instance, self._segment, self._channel = instance, segment, channel
         self._device = str(instance.device)  # "cuda:N", for the messages
         self._jobs: queue.Queue[Run | None] = queue.Queue()
         self._issued: queue.Queue[tuple[Run, Pending] | None] = queue.Queue()
@@ -161,9 +166,10 @@ class _Lane:
     def _issue_blocking(self) -> None:
         self.instance.bind_thread()
         while (run := self._jobs.get()) is not None:
-            inputs, _ = self._views[run.slot][run.model]
+            inputs, _ = self._segment.batch(run.slot, run.model, run.samples, run.length)
             try:
-                pending = self.instance.submit(run.slot % SLOTS_PER_INSTANCE, inputs, run.samples)
+                slot = run.slot % SLOTS_PER_INSTANCE
+                pending = self.instance.submit(slot, inputs, run.samples, run.length)
             except Exception as exc:  # the model's own failure, OOM at one sample, or the device
                 self._fail(run, exc)
                 continue
@@ -176,9 +182,9 @@ class _Lane:
             run, pending = item
             try:
                 compute_s = pending.wait_blocking()
-                _, outputs = self._views[run.slot][run.model]
+                _, outputs = self._segment.batch(run.slot, run.model, run.samples, run.length)
                 for target, produced in zip(outputs, pending.outputs, strict=True):
-                    target[: pending.samples].copy_(produced)
+                    target.copy_(produced)
             except Exception as exc:  # raised by the device: an asynchronous kernel error
                 self._fail(run, exc, at_launch=False)
                 continue

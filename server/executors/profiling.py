@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.models.padding import zero_batch
 from server.models.spec import TensorSpec
 
 WARMUP_RUNS = 2
@@ -82,8 +83,8 @@ def time_sizes_blocking(
     return timings
 
 
-def zero_inputs(specs: Sequence[TensorSpec], samples: int) -> list[np.ndarray]:
+def zero_inputs(specs: Sequence[TensorSpec], samples: int, length: int = 1) -> list[np.ndarray]:
     """Timing inputs: zeros, which every served model accepts (loading checks it on one zero
     sample), where random values could trip a model's own input checks. A dense model's time
-    does not depend on the values."""
-    return [np.zeros((samples, *s.shape), dtype=s.np_dtype) for s in specs]
+    does not depend on the values. At `length` for a model with a dynamic dimension."""
+    return zero_batch(tuple(specs), samples, length)

@@ -116,7 +116,7 @@ class WorkerLink:
         self.flights[seq] = Flight(batch, done, slot)
         batch.attempts += 1
         try:
-            self.send(Run(seq, slot, batch.model, batch.samples))
+            self.send(Run(seq, slot, batch.model, batch.samples, batch.length))
         except OSError:
             self.lose()
             return

@@ -34,7 +34,7 @@ from server.http.incoming import Incoming
 from server.http.model_listing import describe_executors, describe_routing
 from server.http.state import Phase, ServerState
 from server.models.matching import DeclaredShapes, match_inputs
-from server.models.spec import TensorSpec
+from server.models.spec import TensorSpec, is_dynamic, sent
 from server.protocol.codec import (
     CONTENT_TYPE_OF,
     JSON,
@@ -179,23 +179,31 @@ async def run_infer(
     body = await request.read()
     decoded = decode(body, context, state.limits)
     info = endpoint.info
-    inputs, samples, single = match_inputs(
-        model, info.inputs, decoded.inputs, info.batching.max_batch_size
+    batching = info.batching
+    inputs, samples, single, length = match_inputs(
+        model, info.inputs, decoded.inputs, batching.max_batch_size, batching.max_length
     )
     if single and batch_dim_required:
         raise _batch_dim_missing(model, endpoint.info.inputs)
-    timeout_ms = decoded.timeout_ms or info.batching.timeout_ms
+    timeout_ms = decoded.timeout_ms or batching.timeout_ms
     future = endpoint.queue.new_future()
     endpoint.queue.submit(
         PendingRequest(
-            inputs, samples, single, started, started + timeout_ms / 1000.0, future, decoded.id
+            inputs,
+            samples,
+            single,
+            started,
+            started + timeout_ms / 1000.0,
+            future,
+            decoded.id,
+            length=length,
         )
     )
     return await future, decoded
 
 
 def _batch_dim_missing(model: str, specs: tuple[TensorSpec, ...]) -> BadRequest:
-    takes = ", ".join(f"{s.name} {[-1, *s.shape]}" for s in specs)
+    takes = ", ".join(f"{s.name} {[-1, *s.shape]}" for s in sent(specs))
     return BadRequest(
         f"tensors carry the batch dimension first: model {model!r} takes {takes}; "
         "send shape [1, ...] for one sample"
@@ -243,6 +251,7 @@ async def list_models(state: ServerState, request: Incoming) -> web.Response:
     for cfg in state.config.models:
         endpoint = state.endpoints.get(cfg.name)
         batching = endpoint.info.batching if endpoint else cfg.batching
+        dynamic = endpoint is not None and is_dynamic(endpoint.info.inputs)
         models.append(
             {
                 "name": cfg.name,
@@ -256,7 +265,10 @@ async def list_models(state: ServerState, request: Incoming) -> web.Response:
                     "max_delay_ms": batching.max_delay_ms,
                     "max_queue_size": batching.max_queue_size,
                     "timeout_ms": batching.timeout_ms,
+                    # A model with a dynamic dimension (-1): the longest request it takes.
+                    **({"max_length": batching.max_length} if dynamic else {}),
                 },
+                **({"length_aware": batching.length_aware} if dynamic else {}),
                 "routing": cfg.placement.routing,
                 # Whether some executor can run its batches now (none: every worker restarting
                 # or stuck in a batch), and why not.

@@ -1,5 +1,6 @@
-"""Built-in models `linear` and `mlp`, with weights drawn from numpy's PCG64 so that they are
-identical on every machine and torch version (torch's own init RNG is not promised to be).
+"""Built-in models `linear`, `mlp` and `encoder` (encoder.py), with weights drawn from numpy's
+PCG64 so that they are identical on every machine and torch version (torch's own init RNG is
+not promised to be).
 
 The weight functions import no torch: tests and clients can compute expected outputs.
 """
@@ -10,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from server.models.spec import TensorSpec
+from server.models.encoder import build_encoder
+from server.models.spec import DYNAMIC, TensorSpec
 
 SEED = 20261201
 # (in, out) per layer; ReLU between layers, none after the last.
@@ -33,6 +35,11 @@ def builtin_weights(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def builtin_input_spec(name: str) -> tuple[TensorSpec, ...]:
+    if name == "encoder":
+        return (
+            TensorSpec("ids", "int64", (DYNAMIC,)),
+            TensorSpec("padding_mask", "bool", (DYNAMIC,), fill="padding_mask"),
+        )
     return (TensorSpec("input", "float32", (LAYERS[name][0][0],)),)
 
 
@@ -51,6 +58,8 @@ def build_builtin(name: str) -> Any:
     """The torch module (imported lazily: only worker processes and `infer` pay for torch)."""
     import torch
 
+    if name == "encoder":
+        return build_encoder()
     modules: list[torch.nn.Module] = []
     for i, (w, b) in enumerate(builtin_weights(name)):
         layer = torch.nn.Linear(w.shape[1], w.shape[0])

@@ -16,7 +16,8 @@ import torch
 
 from server.config import ModelConfig
 from server.models.builtin import build_builtin, builtin_input_spec
-from server.models.spec import SUPPORTED_DTYPES, TensorSpec
+from server.models.padding import zero_batch
+from server.models.spec import DYNAMIC, SUPPORTED_DTYPES, TensorSpec, is_dynamic
 
 _TORCH_TO_WIRE = {getattr(torch, name): name for name in SUPPORTED_DTYPES}
 _TORCH_TO_WIRE[torch.bfloat16] = "float32"  # widened: the wire has no bfloat16
@@ -48,7 +49,7 @@ class LoadedModel:
 
 
 def declared_output(
-    result: dict[str, torch.Tensor], spec: TensorSpec, samples: int
+    result: dict[str, torch.Tensor], spec: TensorSpec, samples: int, length: int = 1
 ) -> torch.Tensor:
     """The tensor a batch's result holds for one declared output, checked against its spec:
     a model whose outputs change from batch to batch fails that batch, not the copy."""
@@ -62,10 +63,10 @@ def declared_output(
             f"output {spec.name!r} has shape {list(produced.shape)} for a batch of {samples} "
             "samples: a model must return one row per sample"
         )
-    if tuple(produced.shape[1:]) != spec.shape:
+    if tuple(produced.shape[1:]) != spec.at_length(length):
         raise ValueError(
             f"output {spec.name!r} has per-sample shape {list(produced.shape[1:])}, "
-            f"expected {list(spec.shape)}"
+            f"expected {list(spec.at_length(length))}"
         )
     return produced
 
@@ -84,13 +85,14 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         raise
     except Exception as exc:
         raise ModelLoadError(f"model {cfg.name!r} failed to load from {cfg.path}: {exc}") from exc
-    model.outputs = _probe_outputs(model)
+    model.outputs = _probe_outputs(model, cfg.batching.max_length)
     return model
 
 
 def _load_export(cfg: ModelConfig) -> LoadedModel:
     program = torch.export.load(cfg.path)
     user_inputs = set(program.graph_signature.user_inputs)
+    declared_inputs = {spec.name: spec for spec in cfg.inputs}
     specs = []
     for node in program.graph.nodes:
         if node.op != "placeholder" or node.name not in user_inputs:
@@ -99,10 +101,10 @@ def _load_export(cfg: ModelConfig) -> LoadedModel:
         dims = list(val.shape)
         if not dims:
             raise ModelLoadError(f"model {cfg.name!r}: input {node.name!r} has no batch dimension")
-        if not all(isinstance(d, int) for d in dims[1:]):
+        if sum(not isinstance(d, int) for d in dims[1:]) > 1:
             raise ModelLoadError(
-                f"model {cfg.name!r}: input {node.name!r} has a dynamic dimension other than "
-                f"the first ({dims}); only the batch dimension may be dynamic"
+                f"model {cfg.name!r}: input {node.name!r} has several dynamic dimensions besides "
+                f"the first ({dims}); one (a length) at most"
             )
         if isinstance(dims[0], int) and dims[0] != 1 and not cfg.inputs:
             raise ModelLoadError(
@@ -112,27 +114,62 @@ def _load_export(cfg: ModelConfig) -> LoadedModel:
         dtype = _TORCH_TO_WIRE.get(val.dtype)
         if dtype is None:
             raise ModelLoadError(f"model {cfg.name!r}: input dtype {val.dtype} is not supported")
-        specs.append(TensorSpec(node.name, dtype, tuple(int(d) for d in dims[1:])))
+        shape = tuple(int(d) if isinstance(d, int) else DYNAMIC for d in dims[1:])
+        declared = declared_inputs.get(node.name)  # the config may add a padding value or fill
+        pad, fill = (declared.pad, declared.fill) if declared is not None else (0, "")
+        specs.append(TensorSpec(node.name, dtype, shape, pad, fill))
     return LoadedModel(cfg.name, program.module(), tuple(specs))
 
 
-def _probe_outputs(model: LoadedModel) -> tuple[TensorSpec, ...]:
-    """Run one zero sample to learn the outputs' names, dtypes and per-sample shapes."""
-    tensors = [
-        torch.zeros((1, *spec.shape), dtype=getattr(torch, spec.dtype)) for spec in model.inputs
-    ]
+def _probe_outputs(model: LoadedModel, max_length: int) -> tuple[TensorSpec, ...]:
+    """Run one zero sample to learn the outputs' names, dtypes and per-sample shapes; for a
+    model with a dynamic dimension, at two lengths: an output dimension that follows the
+    length is dynamic too (-1), and trimmed back to each request's own length."""
+    if not is_dynamic(model.inputs):
+        return _output_specs(model, _probe(model, 1), None)
+    short, long = min(2, max_length), min(3, max_length)
+    return _output_specs(model, _probe(model, short), (long, _probe(model, long)))
+
+
+def _probe(model: LoadedModel, length: int) -> dict[str, torch.Tensor]:
+    tensors = [torch.from_numpy(a) for a in zero_batch(model.inputs, 1, length)]
     try:
         with torch.inference_mode():
-            outputs = model.run(tensors)
+            return model.run(tensors)
     except Exception as exc:
         raise ModelLoadError(f"model {model.name!r} failed on a zero input: {exc}") from exc
+
+
+def _output_specs(
+    model: LoadedModel,
+    outputs: dict[str, torch.Tensor],
+    other: tuple[int, dict[str, torch.Tensor]] | None,
+) -> tuple[TensorSpec, ...]:
     specs = []
     for name, out in outputs.items():
         dtype = _TORCH_TO_WIRE.get(out.dtype)
         if dtype is None:
             raise ModelLoadError(f"model {model.name!r}: output dtype {out.dtype} is not supported")
-        specs.append(TensorSpec(name, dtype, tuple(out.shape[1:])))
+        shape = tuple(out.shape[1:])
+        if other is not None:
+            length, longer = other
+            shape = _dynamic_shape(model.name, name, shape, tuple(longer[name].shape[1:]), length)
+        specs.append(TensorSpec(name, dtype, shape))
     return tuple(specs)
+
+
+def _dynamic_shape(
+    model: str, output: str, short: tuple[int, ...], long: tuple[int, ...], length: int
+) -> tuple[int, ...]:
+    """The output's per-sample shape, -1 where it grew from length - 1 to `length`."""
+    changed = [i for i, (a, b) in enumerate(zip(short, long, strict=False)) if a != b]
+    if len(short) != len(long) or len(changed) > 1 or (changed and long[changed[0]] != length):
+        raise ModelLoadError(
+            f"model {model!r}: output {output!r} has shape {list(short)} at length {length - 1} "
+            f"and {list(long)} at length {length}; an output may keep its shape or follow the "
+            "length in one dimension"
+        )
+    return tuple(DYNAMIC if i in changed else d for i, d in enumerate(short))
 
 
 def _name_outputs(result: Any) -> dict[str, torch.Tensor]:

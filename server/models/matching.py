@@ -11,11 +11,12 @@ those are cast here, and a finite value that overflows is a 400 (inf and nan pas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from server.errors import BadRequest
-from server.models.spec import TensorSpec
+from server.models.spec import DYNAMIC, TensorSpec, sent
 
 
 def castable(src: np.dtype[np.generic], dst: np.dtype[np.generic]) -> bool:
@@ -24,13 +25,26 @@ def castable(src: np.dtype[np.generic], dst: np.dtype[np.generic]) -> bool:
     return src.kind in "iuf" and dst.kind == "f"
 
 
+class Matched(NamedTuple):
+    inputs: dict[str, np.ndarray]  # in batch form ([n, *sample]), keyed by the model's names
+    samples: int
+    single: bool  # sent as one sample, without the batch dimension
+    length: int  # the dynamic dimension's length (1 for a model with fixed shapes)
+
+
 def match_inputs(
-    model: str, specs: tuple[TensorSpec, ...], inputs: dict[str, np.ndarray], max_batch: int
-) -> tuple[dict[str, np.ndarray], int, bool]:
-    """Returns (inputs in batch form keyed by the model's names, samples, sent as one sample)."""
+    model: str,
+    specs: tuple[TensorSpec, ...],
+    inputs: dict[str, np.ndarray],
+    max_batch: int,
+    max_length: int = 1,
+) -> Matched:
+    """The request's inputs checked against the model's (those the server fills left out)."""
+    specs = sent(specs)
     named = _by_model_names(model, specs, inputs)
     samples: int | None = None
     single: bool | None = None
+    length: tuple[int, str] | None = None  # the first dynamic input's length, and its field
     batched: dict[str, np.ndarray] = {}
     for spec in specs:
         arr, sent_name = named[spec.name]
@@ -48,9 +62,12 @@ def match_inputs(
                 f"{field} carries {this_samples} sample(s) but other inputs carry {samples}; "
                 "every input of a request needs the same number of samples"
             )
+        if spec.dynamic_axis is not None:
+            this_length = arr.shape[spec.dynamic_axis + (0 if this_single else 1)]
+            length = _same_length(model, length, this_length, field, max_length)
         if arr.dtype != spec.np_dtype and not np.can_cast(arr.dtype, spec.np_dtype, "safe"):
             arr = _narrowed(arr, spec.np_dtype, field)
-        batched[spec.name] = arr.reshape((1, *spec.shape)) if this_single else arr
+        batched[spec.name] = arr.reshape((1, *arr.shape)) if this_single else arr
     assert samples is not None and single is not None
     if samples == 0:
         raise BadRequest("the request carries 0 samples; send at least one")
@@ -59,7 +76,26 @@ def match_inputs(
             f"the request carries {samples} samples; model {model!r} takes at most "
             f"{max_batch} per request (max_batch_size); split it into smaller requests"
         )
-    return batched, samples, single
+    return Matched(batched, samples, single, 1 if length is None else length[0])
+
+
+def _same_length(
+    model: str, seen: tuple[int, str] | None, length: int, field: str, max_length: int
+) -> tuple[int, str]:
+    """A request has one length: every dynamic input the same, from 1 to max_length."""
+    if seen is not None and seen[0] != length:
+        raise BadRequest(
+            f"{field} has length {length} but {seen[1]} has length {seen[0]}; the dynamic "
+            "dimension of every input of a request has one length"
+        )
+    if length > max_length:
+        raise BadRequest(
+            f"{field} has length {length}; model {model!r} takes at most {max_length} "
+            "(max_length): shorten or split it"
+        )
+    if length < 1:
+        raise BadRequest(f"{field} has length 0; send at least one position")
+    return length, field
 
 
 def _by_model_names(
@@ -82,15 +118,24 @@ def _by_model_names(
 def sample_count(
     model: str, spec: TensorSpec, shape: tuple[int, ...], field: str
 ) -> tuple[bool, int]:
-    """(sent as one sample, how many samples) for a tensor of `shape`; 400 if it fits neither."""
+    """(sent as one sample, how many samples) for a tensor of `shape`; 400 if it fits neither.
+    A dynamic dimension (-1) matches any length."""
     rank = len(spec.shape)
-    if len(shape) == rank and shape == spec.shape:
+    if len(shape) == rank and _fits(shape, spec.shape):
         return True, 1
-    if len(shape) == rank + 1 and shape[1:] == spec.shape:
+    if len(shape) == rank + 1 and _fits(shape[1:], spec.shape):
         return False, shape[0]
+    per_sample = ", ".join("L" if d == DYNAMIC else str(d) for d in spec.shape)
     raise BadRequest(
         f"{field} has shape {list(shape)}; model {model!r} expects one sample of shape "
-        f"{list(spec.shape)} or n samples of shape [n, {', '.join(map(str, spec.shape))}]"
+        f"[{per_sample}] or n samples of shape [n, {per_sample}]"
+        + (" (L: any length)" if spec.dynamic_axis is not None else "")
+    )
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    return shape == spec or all(
+        d == want or want == DYNAMIC for d, want in zip(shape, spec, strict=True)
     )
 
 
@@ -117,9 +162,10 @@ class DeclaredShapes:
     specs: tuple[TensorSpec, ...]
 
     def check(self, name: str, shape: list[int], field: str) -> None:
-        if len(self.specs) == 1:
-            spec: TensorSpec | None = self.specs[0]  # a single-input model takes any one name
+        specs = sent(self.specs)
+        if len(specs) == 1:
+            spec: TensorSpec | None = specs[0]  # a single-input model takes any one name
         else:
-            spec = next((s for s in self.specs if s.name == name), None)
+            spec = next((s for s in specs if s.name == name), None)
         if spec is not None:  # an unknown name is reported by match_inputs, with the others
             sample_count(self.model, spec, tuple(shape), field)

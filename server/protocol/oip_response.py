@@ -18,7 +18,7 @@ import numpy as np
 from server.config import BatchingConfig
 from server.metrics import ModelTotals
 from server.models.info import ModelInfo
-from server.models.spec import TensorSpec
+from server.models.spec import TensorSpec, sent
 from server.protocol.json_tensor import json_values
 from server.protocol.oip import OipRequest
 from server.protocol.oip_tensor import DATATYPE_OF, WIRE_DTYPES
@@ -114,7 +114,7 @@ def model_metadata(info: ModelInfo, model_format: str) -> dict[str, Any]:
         "name": info.name,
         "versions": [VERSION],
         "platform": PLATFORMS.get(model_format, "pytorch"),
-        "inputs": [_tensor_metadata(s) for s in info.inputs],
+        "inputs": [_tensor_metadata(s) for s in sent(info.inputs)],  # not those filled
         "outputs": [_tensor_metadata(s) for s in info.outputs],
     }
 
@@ -136,7 +136,7 @@ def model_config(info: ModelInfo, model_format: str, cpu_workers: int) -> dict[s
         "backend": "pytorch",
         "version_policy": {"specific": {"versions": [int(VERSION)]}},
         "max_batch_size": batching.max_batch_size,
-        "input": [{**_config_tensor(s), "format": "FORMAT_NONE"} for s in info.inputs],
+        "input": [{**_config_tensor(s), "format": "FORMAT_NONE"} for s in sent(info.inputs)],
         "output": [_config_tensor(s) for s in info.outputs],
         "dynamic_batching": {
             "max_queue_delay_microseconds": round(batching.max_delay_ms * 1000),
