@@ -57,6 +57,12 @@ def test_a_short_oldest_rides_with_the_short_ones_not_padded_to_the_long_ones() 
     assert sorted(waiting[i].length for i in choice.picked) == [9, 10, 11, 12]
 
 
+def test_a_long_oldest_among_short_ones_rides_alone_rather_than_pad_them() -> None:
+    waiting = queue((1, 500), *[(1, 10)] * 20)
+    assert by_length(waiting, max_batch=8).picked == (0,)
+    assert arrival_order(waiting, 8).samples == 8  # which would pad seven to 500
+
+
 def test_a_request_that_fills_the_batch_alone_rides_alone() -> None:
     waiting = queue((8, 30), (1, 30), (1, 31))
     assert by_length(waiting, max_batch=8).picked == (0,)

@@ -5,7 +5,7 @@ No asyncio, no clock: the queue passes the snapshot in, and the rules are tested
 The oldest request is always in the batch (so its delay bound holds and nothing starves: every
 request becomes the oldest in time); the others are picked by length. For every padded length
 M the oldest allows, the candidate is the oldest plus the longest requests no longer than M,
-from M downward, as many as fit. Each is scored by its efficiency: what its requests would cost
+from M downward, any number that fits (none: the oldest alone). Each is scored by its efficiency: what its requests would cost
 in an ideal world (each at its own length, the fixed cost shared by a full batch) over what the
 batch costs padded; the most efficient wins, among those that waste no larger a share on
 padding than the batch of arrival order would. Scoring tokens per second instead would be
@@ -90,16 +90,20 @@ def by_length(waiting: Sequence[Waiting], max_batch: int, cost: BatchCost = defa
     samples = np.array([waiting[i].samples for i in order], dtype=np.int64)
     below = np.concatenate(([0], np.cumsum(samples)))  # samples at positions < p
     tokens_below = np.concatenate(([0], np.cumsum(samples * lengths)))
-    # One candidate per padded length M >= the oldest's: the others from the longest <= M
-    # downward (positions start..end), as many as fit beside the oldest; end -1: none.
+    # Candidates: for each padded length M >= the oldest's, the others from the longest <= M
+    # downward (positions start..end), k of them for every k that fits beside the oldest; k = 0
+    # is the oldest alone. (Only full batches would pad a long oldest with every short one.)
     first_end = int(np.searchsorted(lengths, oldest.length, side="right")) - 1
     later = np.arange(first_end + 1, len(order))
     later = later[np.append(lengths[1:] != lengths[:-1], True)[later]]  # last of each length
-    ends = np.concatenate(([first_end], later))
-    starts = np.searchsorted(below, below[ends + 1] - room, side="left")
-    starts = np.minimum(starts, ends + 1)
+    ends_1d = np.concatenate(([first_end], later))
+    counts = np.arange(min(room, len(order)) + 1)
+    ends = np.repeat(ends_1d, len(counts))
+    starts = ends + 1 - np.tile(counts, len(ends_1d))
+    fits = (starts >= 0) & (below[ends + 1] - below[np.maximum(starts, 0)] <= room)
+    ends, starts = ends[fits], starts[fits]
     n = oldest.samples + below[ends + 1] - below[starts]
-    longest = np.where(ends >= 0, lengths[np.maximum(ends, 0)], 0)
+    longest = np.where(starts <= ends, lengths[np.maximum(ends, 0)], 0)
     padded = np.maximum(longest, oldest.length)
     real = oldest.samples * oldest.length + tokens_below[ends + 1] - tokens_below[starts]
     waste = 1.0 - real / (n * padded)
