@@ -4,14 +4,15 @@ frames): a pure function of a snapshot of the queue, so that little compute goes
 No asyncio, no clock: the queue passes the snapshot in, and the rules are tested with numbers.
 The oldest request is always in the batch (so its delay bound holds and nothing starves: every
 request becomes the oldest in time); the others are picked by length. For every padded length
-M the oldest allows, the candidate is the oldest plus the longest requests no longer than M,
-from M downward, any number that fits (none: the oldest alone). Each is scored by its efficiency: what its requests would cost
-in an ideal world (each at its own length, the fixed cost shared by a full batch) over what the
-batch costs padded; the most efficient wins, among those that waste no larger a share on
-padding than the batch of arrival order would. Scoring tokens per second instead would be
-greedy: a short oldest request padded to ride with the longest ones looks cheap per token, and
-leaves the other short ones a batch of their own. Arrival order is always a candidate, so the
-choice is never worse on padding nor on efficiency.
+M the oldest allows, the candidates are the oldest plus the k longest requests no longer than
+M, for every k that fits (k = 0: the oldest alone). Each is scored by its efficiency: what its
+requests would cost in an ideal world (each at its own length, the fixed cost shared by a full
+batch) over what the padded batch costs; the most efficient wins, among those that waste no
+larger a share on padding than the batch of arrival order would. (Tokens per second would be
+greedy: a short oldest padded to ride with the longest looks cheap per token, and leaves the
+other short ones a batch of their own; full batches only would pad a long oldest with every
+short one.) Arrival order is a candidate, so the choice is never worse on padding nor on
+efficiency.
 """
 
 from __future__ import annotations
