@@ -106,3 +106,22 @@ def test_a_wrong_shaped_input_is_one_error_line(tmp_path: Path) -> None:
     np.save(path, np.zeros((3, 7), np.float32))
     result = _infer("--device", "cpu", "--input", str(path))
     _assert_one_error_line(result, f"--input {path} has shape [3, 7]", "shape [10]")
+
+
+def test_the_encoder_takes_token_ids_of_any_length_by_its_built_in_name(tmp_path: Path) -> None:
+    import torch
+
+    from server.models.encoder import build_encoder
+
+    ids = np.arange(1, 13, dtype=np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    result = _infer("--device", "cpu", "--model", "encoder", "--input", str(tmp_path / "ids.npy"))
+    assert result.returncode == 0, result.stderr
+    printed = np.array(json_numbers(_prediction(result.stdout)))
+    with torch.inference_mode():
+        alone = build_encoder()(torch.from_numpy(ids[None]), torch.zeros((1, 12), dtype=torch.bool))
+    np.testing.assert_allclose(printed, alone[0].numpy(), rtol=1e-3, atol=1e-3)
+
+
+def json_numbers(text: str) -> list[float]:
+    return [float(x) for x in text.strip("[]").split(",")]

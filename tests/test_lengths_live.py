@@ -189,3 +189,19 @@ def _value(text: str, pattern: str) -> float:
     match = re.search(pattern + r" ([0-9.e+]+)", text)
     assert match, pattern
     return float(match.group(1))
+
+
+def test_loadtest_sends_a_length_distribution_and_every_request_succeeds(
+    encoder: ServerProcess, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    argv = [sys.executable, "-m", "server.cli", "loadtest", "--url", encoder.url]
+    argv += ["--model", "encoder", "--concurrency", "4", "--duration", "1", "--warmup", "0"]
+    argv += ["--lengths", f"pareto:8:{MAX_LENGTH}", "--no-progress", "--json", str(out)]
+    subprocess.run(argv, check=True, timeout=120, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["meta"]["lengths"] == f"pareto:8:{MAX_LENGTH}:1.2"
+    assert report["summary"]["ok"] > 0 and report["summary"]["errors_by_code"] == {}

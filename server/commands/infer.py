@@ -19,7 +19,7 @@ import numpy as np
 
 from server.commands import remote
 from server.commands.remote import format_prediction
-from server.config import Config, ConfigError, Flags, ModelConfig, load_config
+from server.config import BUILTIN_MODELS, Config, ConfigError, Flags, ModelConfig, load_config
 from server.errors import BadRequest
 from server.models.matching import match_inputs
 from server.models.padding import batch_length, filled
@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.url:
         return remote.run_infer(args)
-    config = load_config(args.config, os.environ, Flags())
+    # A built-in named without a config is served as `serve --model NAME` would serve it.
+    builtin = args.model in BUILTIN_MODELS and not args.config
+    config = load_config(args.config, os.environ, Flags(models=(args.model,) if builtin else ()))
     return run_in_process(config, args.model, args.input, args.device, print)
 
 
