@@ -210,7 +210,7 @@ def stand_in_devices(config: Config) -> Devices:
 
 
 async def routed(router: Router, model: str, x: np.ndarray, attempts: int = 0) -> BatchOutcome:
-    batch = Batch(model, [_request(len(x))], len(x), attempts)
+    batch = Batch(model, [_request(len(x))], len(x), attempts=attempts)
     batch.requests[0].inputs = {"input": x}
     done: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
     router.dispatch(batch, settle(done))

@@ -33,6 +33,7 @@ class PendingRequest:
     future: asyncio.Future[RequestResult]
     request_id: str | None = None
     dispatched_at: float = field(default=0.0)
+    length: int = 1  # its samples' length, for a model with a dynamic dimension; else 1
 
     def is_gone(self) -> bool:
         """The handler gave up (client disconnected or cancelled): never compute it."""

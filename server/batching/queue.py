@@ -47,8 +47,9 @@ class BatchQueue:
         metrics: Metrics,
         calibrated: Prior | None = None,
     ) -> None:
-        """`calibrated`: the model's calibrated batch cost (seconds for n samples), where
-        there is one: what the batch-time estimate returns to once its evidence is old."""
+        """`calibrated`: the model's calibrated batch cost (seconds for n samples padded to a
+        length), where there is one: what the batch-time estimate returns to once its
+        evidence is old."""
         self.model = model
         self.settings = settings
         self._dispatcher = dispatcher
@@ -85,7 +86,7 @@ class BatchQueue:
 
     def submit(self, request: PendingRequest) -> None:
         """Admit a request or raise (503) at once; its future is answered later."""
-        self._admit(request.samples, request.deadline_at)
+        self._admit(request.samples, request.deadline_at, request.length)
         self._pending.append(request)
         self._queued_samples += request.samples
         self._earliest_deadline = min(self._earliest_deadline, request.deadline_at)
@@ -102,7 +103,7 @@ class BatchQueue:
         is read, so that shedding costs no reading or decoding."""
         self._admit(1, float("inf"))
 
-    def _admit(self, samples: int, deadline_at: float) -> None:
+    def _admit(self, samples: int, deadline_at: float, length: int = 1) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         now = self._clock.now()
@@ -116,7 +117,8 @@ class BatchQueue:
                 in_flight_samples=self._in_flight_samples,
                 max_queue_size=self.settings.max_queue_size,
                 drain_rate=estimate.rate(now),
-                batch_s=estimate.batch_s(now, self.settings.max_batch_size),
+                # A batch of its own length: a long request expects a long batch.
+                batch_s=estimate.batch_s(now, self.settings.max_batch_size, length),
             )
         )
         if shed is not None:
@@ -227,18 +229,23 @@ class BatchQueue:
         while self._retries and self._dispatcher.free_slots(self.model) > 0:
             live: list[PendingRequest] = []
             for request in self._retries.popleft():
-                if request.is_gone() or request.deadline_at <= self._cutoff(now):
+                if request.is_gone() or request.deadline_at <= self._cutoff(now, request.length):
                     self._in_flight_samples -= request.samples
                     self._drop(request, now)
                 else:
                     live.append(request)
             if live:
-                self._send(Batch(self.model, live, sum(r.samples for r in live)), now)
+                samples, length = sum(r.samples for r in live), max(r.length for r in live)
+                self._send(Batch(self.model, live, samples, length), now)
 
-    def _cutoff(self, now: float) -> float:
-        """Deadlines up to this are lost: a batch dispatched now would answer after them."""
+    def _cutoff(self, now: float, length: int = 1) -> float:
+        """Deadlines up to this are lost: a batch dispatched now, padded to `length`, would
+        answer after them. The sweep's shortcut and the timer go by length 1, the earliest
+        cutoff (so a fixed shape is judged as before, and the timer never spins); whenever the
+        sweep runs, each request of a dynamic model is judged at its own length."""
         samples = min(self._queued_samples, self.settings.max_batch_size)
-        return now + self._estimate.batch_s(now, samples, idle=self._in_flight_samples == 0)
+        idle = self._in_flight_samples == 0
+        return now + self._estimate.batch_s(now, samples, length, idle=idle)
 
     def _drop(self, request: PendingRequest, now: float) -> None:
         """A request that will not be computed: its client left, or its deadline passed or
@@ -251,7 +258,7 @@ class BatchQueue:
         waited_ms = (now - request.arrived_at) * 1000.0
         why = "passed"
         if request.deadline_at > now:
-            expected_ms = (self._cutoff(now) - now) * 1000.0
+            expected_ms = (self._cutoff(now, request.length) - now) * 1000.0
             why = f"would pass before its batch finished (a batch takes about {expected_ms:.1f} ms)"
         reject(
             request.future,
@@ -289,7 +296,9 @@ class BatchQueue:
             return
         kept: deque[PendingRequest] = deque()
         for request in self._pending:
-            if request.deadline_at <= cutoff:
+            if request.deadline_at <= cutoff or (
+                request.length > 1 and request.deadline_at <= self._cutoff(now, request.length)
+            ):
                 self._queued_samples -= request.samples
                 self._drop(request, now)
             else:
@@ -325,7 +334,8 @@ class BatchQueue:
         now = self._clock.now()
         # A batch that ran twice (its worker died) timed a restart, not the model.
         clean = isinstance(outcome, BatchDone) and batch.attempts <= 1
-        self._estimate.record(now, self._running.pop(batch, now), batch.samples, clean=clean)
+        dispatched_at = self._running.pop(batch, now)
+        self._estimate.record(now, dispatched_at, batch.samples, batch.length, clean=clean)
         if isinstance(outcome, BatchDone):
             self._answer(batch, outcome)
         elif should_bisect(outcome.code, outcome.model_raised, len(batch.requests)):

@@ -119,6 +119,7 @@ class ModelConfig:
     inputs: tuple[TensorSpec, ...]
     batching: BatchingConfig
     placement: Placement = Placement()
+    max_length: int = 512  # the longest dynamic dimension a request may carry
 
 
 @dataclass(frozen=True)

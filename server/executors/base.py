@@ -21,6 +21,7 @@ class Batch:
     model: str
     requests: list[PendingRequest]
     samples: int
+    length: int = 1  # the padded length of a batch of a model with a dynamic dimension; else 1
     attempts: int = 0  # how often it was sent to an executor (a worker crash retries once)
 
 

@@ -20,12 +20,12 @@ from server.executors.contract import FailureKind
 from server.executors.cpu_pool import CpuPool
 from server.executors.cuda import CudaExecutor, CudaStartError
 from server.executors.cuda_probe import probe_cuda_blocking
-from server.executors.profiling import calibration_sizes
+from server.executors.profiling import calibration_sizes, is_dynamic
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
 from server.models.info import ModelInfo
 from server.routing import calibration as cal
-from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, Vetted, vet_points
+from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, Point, Vetted, vet_points
 from server.routing.router import Router, Target
 from server.routing.routes import CPU, route
 
@@ -200,10 +200,11 @@ class Devices:
         for gpu in self.gpus:
             await gpu.stop()
 
-    def calibrated_cost(self, model: str) -> Callable[[int], float] | None:
-        """The model's calibrated batch cost, seconds for n samples, at its cheapest among the
-        devices it may use (a batch goes where it finishes first); None where nothing usable
-        was measured (the calibration failed its check, or no executor timed it)."""
+    def calibrated_cost(self, model: str) -> Callable[[int, int], float] | None:
+        """The model's calibrated batch cost, seconds for n samples padded to length L (1 for a
+        fixed shape), at its cheapest among the devices it may use (a batch goes where it
+        finishes first); None where nothing usable was measured (the calibration failed its
+        check, or no executor timed it)."""
         if self.router is None:
             return None
         fits = [
@@ -218,7 +219,7 @@ class Devices:
             return None
         if len(fits) == 1:
             return fits[0].cost_s
-        return lambda samples: min(fit.cost_s(samples) for fit in fits)
+        return lambda samples, length: min(fit.cost_s(samples, length) for fit in fits)
 
     def watch_batches(self, metrics: Metrics) -> None:
         """Starts the stuck-batch watchdogs: each executor gets every model's time limit there
@@ -245,7 +246,11 @@ class Devices:
         calibrated = self.router.costs().get((model, device), (UNKNOWN_COST,))[0]
         if calibrated is UNKNOWN_COST:
             return None
-        return calibrated.cost_s(self.infos[model].batching.max_batch_size)
+        info = self.infos[model]
+        # The longest batch a dynamic model may form: a batch of the longest requests must not
+        # trip the watchdog.
+        length = self._config.model(model).max_length if is_dynamic(info.inputs) else 1
+        return calibrated.cost_s(info.batching.max_batch_size, length)
 
     def unavailable(self, model: str) -> str | None:
         """Why no executor can run this model's batches now, or None if one can."""
@@ -275,10 +280,11 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
         log.warning("calibration of %r on %s: %s", model, device_id, "; ".join(vetted.problems))
     if vetted.dropped:
         log.warning(
-            "calibration of %r on %s: refitted without the outlier(s) %s (samples, seconds)",
+            "calibration of %r on %s: refitted without the outlier(s) %s (samples, %sseconds)",
             model,
             device_id,
-            ", ".join(f"({n}, {y:.6f})" for n, y in vetted.dropped),
+            ", ".join(_describe(p) for p in vetted.dropped),
+            "length, " if any(len(p) == 3 for p in vetted.dropped) else "",
         )
     if vetted.points and vetted.rejected:
         log.error(
@@ -289,6 +295,11 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
             1.0 + vetted.misfit,
             1.0 + MAX_MISFIT,
         )
+
+
+def _describe(point: Point) -> str:
+    *ints, seconds = point
+    return "(" + ", ".join([*(str(i) for i in ints), f"{seconds:.6f}"]) + ")"
 
 
 def _out_of_memory(failure: BatchFailed) -> bool:
