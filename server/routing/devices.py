@@ -249,8 +249,12 @@ class Devices:
         info = self.infos[model]
         # The longest batch a dynamic model may form: a batch of the longest requests must not
         # trip the watchdog.
-        length = self._config.model(model).max_length if is_dynamic(info.inputs) else 1
+        length = self.max_length(model) if is_dynamic(info.inputs) else 1
         return calibrated.cost_s(info.batching.max_batch_size, length)
+
+    def max_length(self, model: str) -> int:
+        """The longest padded length a batch of this model may have (config; dynamic models)."""
+        return self._config.model(model).max_length
 
     def unavailable(self, model: str) -> str | None:
         """Why no executor can run this model's batches now, or None if one can."""
