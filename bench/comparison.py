@@ -106,11 +106,12 @@ def _recommend(rows: Sequence[Row], gpus: Sequence[str], cross: int | None) -> s
     )
 
 
-def format_table(summary: Summary) -> list[str]:
+def format_table(summary: Summary, length: int | None = None) -> list[str]:
     """Per batch size: latency (median, and the p25-p75 spread) and throughput per device, as
-    the lines of a terminal table (rich's, rendered to text here)."""
+    the lines of a terminal table (rich's, rendered to text here); `length`: the padded length
+    every batch was timed at (a model with a dynamic dimension), named in the first column."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("batch", justify="right")
+    table.add_column("batch" if length is None else f"batch x {length}", justify="right")
     for device in summary.devices:
         table.add_column(f"{device} ms", justify="right")
         table.add_column("p25-p75", justify="right")

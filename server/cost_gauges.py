@@ -1,5 +1,6 @@
-"""The /metrics gauges of where batches run: each (model, device)'s expected cost of a batch,
-as calibrated at start-up and as the router now estimates it, and each GPU's batch cap.
+"""The /metrics gauges of where batches run: each (model, device)'s expected cost of a batch
+(its three terms: fixed, per sample or token, per sample and length squared), as calibrated at
+start-up and as the router now estimates it, and each GPU's batch cap.
 
 Event loop: read at each scrape from Devices and its router (plain numbers). No torch.
 """
@@ -33,9 +34,17 @@ def register_cost_gauges(metrics: Metrics, devices: Devices) -> None:
     )
     metrics.add_labelled_gauge(
         "microbatch_cost_per_sample_seconds",
-        "Expected cost per sample of a batch; kind: calibrated, or current (corrected online).",
+        "Expected cost per sample of a batch (per token, sample x padded length, for a model "
+        "with a dynamic dimension); kind: calibrated, or current (corrected online).",
         ("model", "device", "kind"),
         lambda: costs(1),
+    )
+    metrics.add_labelled_gauge(
+        "microbatch_cost_per_sample_length_squared_seconds",
+        "Expected cost per sample and squared padded length of a batch (attention; 0 for a "
+        "fixed shape); kind: calibrated, or current (corrected online).",
+        ("model", "device", "kind"),
+        lambda: costs(2),
     )
     metrics.add_labelled_gauge(
         "microbatch_batch_cap",
@@ -46,4 +55,4 @@ def register_cost_gauges(metrics: Metrics, devices: Devices) -> None:
 
 
 def _term(fit: CostFit, term: int) -> float:
-    return (fit.fixed_s, fit.per_sample_s)[term]
+    return (fit.fixed_s, fit.per_sample_s, fit.quadratic_s)[term]

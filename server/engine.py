@@ -99,7 +99,9 @@ class Engine:
                 state.metrics,
                 calibrated=self._devices.calibrated_cost(name),
                 lengths=(
-                    Lengths.of(info.outputs, info.batching.length_aware)
+                    Lengths.of(
+                        info.outputs, info.batching.length_aware, self._devices.batch_cost(name)
+                    )
                     if is_dynamic(info.inputs)
                     else None
                 ),

@@ -22,9 +22,9 @@ from server.metrics import Metrics
 from tests.fakes import FakeClock, FakeExecutor
 
 
-def calibrated(samples: int) -> float:
-    """A model whose batch costs 1 ms plus 0.1 ms per sample."""
-    return 0.001 + 0.0001 * samples
+def calibrated(samples: int, length: int = 1) -> float:
+    """A model whose batch costs 1 ms plus 0.1 ms per sample (per token, at a length)."""
+    return 0.001 + 0.0001 * samples * length
 
 
 def test_batch_time_is_unknown_until_measured_without_a_calibration() -> None:

@@ -1,5 +1,6 @@
 """`microbatch compare`: time a model on every available device over a range of batch sizes and
-say which wins where, with the crossover batch size; optionally a plot and a JSON report.
+say which wins where, with the crossover batch size; optionally a plot and a JSON report. A model
+with a dynamic dimension is timed at one padded length (--length, default max_length // 4).
 
 Main process (the CLI); imports torch, and matplotlib for --plot, only when it runs. The CPU
 is timed in this process with torch's threads; each visible GPU through the server's own CUDA
@@ -20,6 +21,7 @@ import numpy as np
 
 from bench.comparison import Measurement, format_table, parse_sizes, summarize, to_json
 from server.config import ConfigError, Flags, ModelConfig, load_config
+from server.models.spec import is_dynamic
 
 DEFAULT_SIZES = "1,2,4,...,1024"
 
@@ -39,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-sizes",
         default=DEFAULT_SIZES,
         help=f"sizes to time; `...` continues a doubling run (default {DEFAULT_SIZES})",
+    )
+    p.add_argument(
+        "--length",
+        type=int,
+        help="padded length to time a model with a dynamic dimension at (default: its "
+        "max_length // 4); not for a fixed-shape model",
     )
     p.add_argument("--repeats", type=int, default=10, help="timed runs per size (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per size (default 3)")
@@ -74,8 +82,9 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     gpu = ", ".join(f"{d} {name}" for d, name in context["gpus"].items()) or "none found"
     threads = context["cpu_threads"]
     plural = "s" if threads != 1 else ""
-    out(f"model {cfg.name}: CPU with {threads} torch thread{plural}; GPU: {gpu}")
-    for line in format_table(summary):
+    at = f" at length {context['length']}" if context["length"] is not None else ""
+    out(f"model {cfg.name}{at}: CPU with {threads} torch thread{plural}; GPU: {gpu}")
+    for line in format_table(summary, context["length"]):
         out(line)
     if summary.crossover is not None:
         out(f"crossover: batch size {summary.crossover}")
@@ -100,7 +109,8 @@ def _measure_all(
     from server.models.loading import load_model
 
     model = load_model(cfg)
-    batches = {n: _batch(model.inputs, n, source) for n in sizes}
+    length = _length(cfg, model.inputs, args.length)
+    batches = {n: _batch(model.inputs, n, source, length or 1) for n in sizes}
     timing = {"warmup": args.warmup, "repeats": args.repeats, "budget_s": 600.0}
 
     def on_cpu(n: int) -> None:
@@ -119,6 +129,7 @@ def _measure_all(
         "cpu_threads": torch.get_num_threads(),
         "gpu": next(iter(gpus.values()), None),  # the first one's name, as before
         "gpus": gpus,
+        "length": length,  # the padded length timed (a dynamic dimension); None: fixed shape
     }
     for index in range(count):
         measurements += _measure_gpu(cfg, index, sizes, batches, timing)
@@ -153,21 +164,41 @@ def _as_measurements(device: str, timings: list[Any]) -> list[Measurement]:
     return [Measurement(device, t.samples, t.median_s, t.p25_s, t.p75_s, t.runs) for t in timings]
 
 
-def _batch(specs: Any, n: int, source: np.ndarray | None) -> list[np.ndarray]:
-    """n samples per input: the --input file's samples repeated, or seeded random ones."""
+def _length(cfg: ModelConfig, specs: Any, given: int | None) -> int | None:
+    """The padded length to time at: None for a fixed-shape model (which takes no --length)."""
+    if not is_dynamic(specs):
+        if given is not None:
+            raise ConfigError(
+                f"--length: model {cfg.name!r} has no dynamic dimension (its inputs are "
+                f"{', '.join(s.describe() for s in specs)}); leave --length out"
+            )
+        return None
+    length = given if given is not None else max(1, cfg.batching.max_length // 4)
+    if not 1 <= length <= cfg.batching.max_length:
+        raise ConfigError(
+            f"--length must be between 1 and the model's max_length ({cfg.batching.max_length}), "
+            f"got {length}"
+        )
+    return length
+
+
+def _batch(specs: Any, n: int, source: np.ndarray | None, length: int = 1) -> list[np.ndarray]:
+    """n samples per input (a dynamic dimension at `length`): the --input file's samples
+    repeated, or seeded random ones."""
     if source is not None:
         if len(specs) != 1:
             raise ConfigError("--input serves single-input models only")
-        spec = specs[0]
-        samples = source.reshape(-1, *spec.shape) if source.shape != spec.shape else source[None]
-        return [np.resize(samples, (n, *spec.shape)).astype(spec.np_dtype)]
+        shape = specs[0].at_length(length)
+        samples = source.reshape(-1, *shape) if source.shape != shape else source[None]
+        return [np.resize(samples, (n, *shape)).astype(specs[0].np_dtype)]
     rng = np.random.default_rng(0)
     batch = []
     for spec in specs:
+        shape = (n, *spec.at_length(length))
         if spec.np_dtype.kind == "f":
-            batch.append(rng.standard_normal((n, *spec.shape)).astype(spec.np_dtype))
+            batch.append(rng.standard_normal(shape).astype(spec.np_dtype))
         else:
-            batch.append(np.zeros((n, *spec.shape), dtype=spec.np_dtype))
+            batch.append(np.zeros(shape, dtype=spec.np_dtype))
     return batch
 
 
@@ -180,6 +211,7 @@ def _plot(report: dict[str, Any], path: str, out: Callable[[str], None]) -> None
     except ImportError:
         out("--plot needs matplotlib (pip install 'microbatch[plot]'); no plot written")
         return
+    at = f" at length {report['length']}" if report.get("length") is not None else ""
     fig, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
     for device in report["devices"]:
         rows = [r for r in report["rows"] if device in r]
@@ -192,13 +224,13 @@ def _plot(report: dict[str, Any], path: str, out: Callable[[str], None]) -> None
     for ax, label in ((latency, "batch latency, ms (median, p25-p75)"), (throughput, "samples/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size")
+        ax.set_xlabel("batch size" + at)
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         if report["crossover_batch_size"]:
             ax.axvline(report["crossover_batch_size"], linestyle="--", color="grey")
         ax.legend()
-    fig.suptitle(f"{report['model']}: {report['recommendation']}", fontsize=8)
+    fig.suptitle(f"{report['model']}{at}: {report['recommendation']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,6 +12,8 @@ would be computed again to bring a too-high estimate down:
 - an idle model (nothing in flight) never expects more than IDLE_MARGIN times its calibrated
   cost (nothing, without a calibration), so a lone request with a deadline beyond that is
   always tried.
+For a model with a dynamic dimension every estimate is at a padded length: the calibrated cost
+at that length, or (without a calibration) a time per unit of length; a fixed shape is at 1.
 """
 
 from __future__ import annotations
@@ -29,30 +31,33 @@ HALF_LIFE_S = 5.0
 # An idle model expects a batch to take at most this many times its calibrated cost.
 IDLE_MARGIN = 3.0
 
-Prior = Callable[[int], float]  # samples -> calibrated seconds for a batch of that many
+Prior = Callable[[int, int], float]  # (samples, padded length) -> calibrated batch seconds
 
 
 class BatchTime:
     """`prior`: the calibrated cost of a batch, if the model has one (a seam filled from the
-    router's calibration); the estimate is then a factor on it, else raw seconds."""
+    router's calibration); the estimate is then a factor on it, else raw seconds per batch
+    and unit of length (per batch, for a fixed shape)."""
 
     def __init__(self, prior: Prior | None = None) -> None:
         self._prior = prior
-        # With a prior: observed / calibrated, averaged. Without one: seconds per batch.
+        # With a prior: observed / calibrated, averaged. Without one: seconds per batch and
+        # unit of padded length.
         self._level = 1.0 if prior is not None else 0.0
         self._rate = 0.0  # samples answered per second of busy time
         self._evidence_at = -math.inf
         self._half_life_s = HALF_LIFE_S
         self._last_done_at: float | None = None
 
-    def batch_s(self, now: float, samples: int, *, idle: bool = False) -> float:
-        """Expected seconds from dispatch to answer of a batch of `samples`; 0 when unknown."""
+    def batch_s(self, now: float, samples: int, length: int = 1, *, idle: bool = False) -> float:
+        """Expected seconds from dispatch to answer of a batch of `samples` padded to `length`;
+        0 when unknown."""
         kept = self._kept(now)
         if self._prior is None:
             # Nothing calibrated to bound it by: an idle model tries what comes (a miss is then
             # a 504 at the deadline, on capacity that was free anyway).
-            return 0.0 if idle else self._level * kept
-        calibrated = self._prior(max(1, samples))
+            return 0.0 if idle else self._level * kept * length
+        calibrated = self._prior(max(1, samples), length)
         level = 1.0 + (self._level - 1.0) * kept
         if idle:
             level = min(level, IDLE_MARGIN)
@@ -62,7 +67,15 @@ class BatchTime:
         """Samples answered per second of busy time; 0 (unknown) once its evidence is stale."""
         return self._rate if self._kept(now) >= 0.5 else 0.0
 
-    def record(self, now: float, dispatched_at: float, samples: int, *, clean: bool = True) -> None:
+    def record(
+        self,
+        now: float,
+        dispatched_at: float,
+        samples: int,
+        length: int = 1,
+        *,
+        clean: bool = True,
+    ) -> None:
         """A batch answered at `now`. Not clean: it was retried after its worker died, so its
         time spans a restart, not the model's work; it still ends the busy period."""
         last = self._last_done_at
@@ -70,26 +83,27 @@ class BatchTime:
         self._last_done_at = now
         if not clean or now <= dispatched_at:
             return
-        expected = self.batch_s(now, samples)
+        expected = self.batch_s(now, samples, length)
         took = now - dispatched_at
         if expected > 0.0:
             took = min(took, CLAMP * expected)
         busy = min(now - start, took)
         if busy > 0.0:
             self._rate = _average(self._rate, samples / busy)
-        self._learn(now, samples, took)
+        self._learn(now, samples, length, took)
         self._evidence_at = now
         # A model whose batches take long has long gaps between pieces of evidence: those
         # gaps must not read as stale evidence.
         self._half_life_s = max(HALF_LIFE_S, 2.0 * took)
 
-    def _learn(self, now: float, samples: int, took: float) -> None:
+    def _learn(self, now: float, samples: int, length: int, took: float) -> None:
         kept = self._kept(now)
         if self._prior is None:
-            self._level = _average(self._level * kept, took)
+            self._level = _average(self._level * kept, took / length)
             return
         level = 1.0 + (self._level - 1.0) * kept
-        self._level = (1.0 - WEIGHT) * level + WEIGHT * took / self._prior(max(1, samples))
+        calibrated = self._prior(max(1, samples), length)
+        self._level = (1.0 - WEIGHT) * level + WEIGHT * took / calibrated
 
     def _kept(self, now: float) -> float:
         """How much of the learned estimate still stands: 1 when fresh, halving per half-life."""

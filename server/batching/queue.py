@@ -13,13 +13,12 @@ import logging
 import math
 from collections import deque
 
-import numpy as np
-
 from server.batching.admission import Admission, admit
+from server.batching.answers import answer_each, non_finite_samples
 from server.batching.bisection import halves, should_bisect
 from server.batching.estimate import BatchTime, Prior
 from server.batching.lengths import Lengths
-from server.batching.pending import PendingRequest, RequestResult, reject, resolve
+from server.batching.pending import PendingRequest, RequestResult, reject
 from server.batching.policy import QueueSnapshot, decide
 from server.batching.running import Running
 from server.clock import Clock, Timer
@@ -49,10 +48,10 @@ class BatchQueue:
         calibrated: Prior | None = None,
         lengths: Lengths | None = None,
     ) -> None:
-        """`calibrated`: the model's calibrated batch cost (seconds for n samples), where
-        there is one: what the batch-time estimate returns to once its evidence is old.
-        `lengths`: for a model with a dynamic dimension, how its batches are formed by length
-        and its answers cut to each request's length."""
+        """`calibrated`: the model's calibrated batch cost (seconds for n samples padded to a
+        length), where there is one: what the batch-time estimate returns to once its
+        evidence is old. `lengths`: for a model with a dynamic dimension, how its batches are
+        formed by length and its answers cut to each request's length."""
         self.model = model
         self.settings = settings
         self._dispatcher = dispatcher
@@ -90,7 +89,7 @@ class BatchQueue:
 
     def submit(self, request: PendingRequest) -> None:
         """Admit a request or raise (503) at once; its future is answered later."""
-        self._admit(request.samples, request.deadline_at)
+        self._admit(request.samples, request.deadline_at, request.length)
         self._pending.append(request)
         self._queued_samples += request.samples
         self._earliest_deadline = min(self._earliest_deadline, request.deadline_at)
@@ -107,7 +106,7 @@ class BatchQueue:
         is read, so that shedding costs no reading or decoding."""
         self._admit(1, float("inf"))
 
-    def _admit(self, samples: int, deadline_at: float) -> None:
+    def _admit(self, samples: int, deadline_at: float, length: int = 1) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         now = self._clock.now()
@@ -121,7 +120,8 @@ class BatchQueue:
                 in_flight_samples=self._in_flight_samples,
                 max_queue_size=self.settings.max_queue_size,
                 drain_rate=estimate.rate(now),
-                batch_s=estimate.batch_s(now, self.settings.max_batch_size),
+                # A batch of its own length: a long request expects a long batch.
+                batch_s=estimate.batch_s(now, self.settings.max_batch_size, length),
             )
         )
         if shed is not None:
@@ -232,18 +232,22 @@ class BatchQueue:
         while self._retries and self._dispatcher.free_slots(self.model) > 0:
             live: list[PendingRequest] = []
             for request in self._retries.popleft():
-                if request.is_gone() or request.deadline_at <= self._cutoff(now):
+                if request.is_gone() or request.deadline_at <= self._cutoff(now, request.length):
                     self._in_flight_samples -= request.samples
                     self._drop(request, now)
                 else:
                     live.append(request)
             if live:
-                self._send(self._batch(live), now)
+                self._send(self._batch(live, sum(r.samples for r in live)), now)
 
-    def _cutoff(self, now: float) -> float:
-        """Deadlines up to this are lost: a batch dispatched now would answer after them."""
+    def _cutoff(self, now: float, length: int = 1) -> float:
+        """Deadlines up to this are lost: a batch dispatched now, padded to `length`, would
+        answer after them. The sweep's shortcut and the timer go by length 1, the earliest
+        cutoff (so a fixed shape is judged as before, and the timer never spins); whenever the
+        sweep runs, each request of a dynamic model is judged at its own length."""
         samples = min(self._queued_samples, self.settings.max_batch_size)
-        return now + self._estimate.batch_s(now, samples, idle=self._in_flight_samples == 0)
+        idle = self._in_flight_samples == 0
+        return now + self._estimate.batch_s(now, samples, length, idle=idle)
 
     def _drop(self, request: PendingRequest, now: float) -> None:
         """A request that will not be computed: its client left, or its deadline passed or
@@ -256,7 +260,7 @@ class BatchQueue:
         waited_ms = (now - request.arrived_at) * 1000.0
         why = "passed"
         if request.deadline_at > now:
-            expected_ms = (self._cutoff(now) - now) * 1000.0
+            expected_ms = (self._cutoff(now, request.length) - now) * 1000.0
             why = f"would pass before its batch finished (a batch takes about {expected_ms:.1f} ms)"
         reject(
             request.future,
@@ -266,11 +270,9 @@ class BatchQueue:
             ),
         )
 
-    def _batch(self, requests: list[PendingRequest]) -> Batch:
-        samples = sum(r.samples for r in requests)
-        if self._lengths is None:
-            return Batch(self.model, requests, samples)
-        return Batch(self.model, requests, samples, max(r.length for r in requests))
+    def _batch(self, requests: list[PendingRequest], samples: int) -> Batch:
+        length = 1 if self._lengths is None else max(r.length for r in requests)
+        return Batch(self.model, requests, samples, length)
 
     def _take(self, now: float) -> Batch | None:
         requests: list[PendingRequest] = []
@@ -289,7 +291,7 @@ class BatchQueue:
             self._note_idle()
             return None
         self._in_flight_samples += samples
-        return self._batch(requests)
+        return self._batch(requests, samples)
 
     def _next_requests(self) -> list[PendingRequest]:
         """The requests of the next batch, taken from the queue: the oldest that fit, or for a
@@ -301,10 +303,7 @@ class BatchQueue:
                 taken.append(pending.popleft())
                 samples += taken[-1].samples
             return taken
-        head = [pending.popleft() for _ in range(min(len(pending), self._lengths.window(limit)))]
-        picked = set(self._lengths.pick(head, limit))
-        pending.extendleft(reversed([r for i, r in enumerate(head) if i not in picked]))
-        return [r for i, r in enumerate(head) if i in picked]
+        return self._lengths.take(pending, limit)
 
     def _expire(self, now: float) -> None:
         """Answer 504 for every queued request whose deadline is lost; it is never computed."""
@@ -313,7 +312,9 @@ class BatchQueue:
             return
         kept: deque[PendingRequest] = deque()
         for request in self._pending:
-            if request.deadline_at <= cutoff:
+            if request.deadline_at <= cutoff or (
+                request.length > 1 and request.deadline_at <= self._cutoff(now, request.length)
+            ):
                 self._queued_samples -= request.samples
                 self._drop(request, now)
             else:
@@ -349,7 +350,8 @@ class BatchQueue:
         now = self._clock.now()
         # A batch that ran twice (its worker died) timed a restart, not the model.
         clean = isinstance(outcome, BatchDone) and batch.attempts <= 1
-        self._estimate.record(now, self._running.pop(batch, now), batch.samples, clean=clean)
+        dispatched_at = self._running.pop(batch, now)
+        self._estimate.record(now, dispatched_at, batch.samples, batch.length, clean=clean)
         if isinstance(outcome, BatchDone):
             self._answer(batch, outcome)
         elif should_bisect(outcome.code, outcome.model_raised, len(batch.requests)):
@@ -359,37 +361,13 @@ class BatchQueue:
         self._note_idle()  # after any retry is counted in flight, or a drain would end early
 
     def _answer(self, batch: Batch, outcome: BatchDone) -> None:
-        compute_ms = outcome.compute_s * 1000.0
-        self._count_non_finite(outcome.outputs)
-        offset = 0
-        lengths = self._lengths
-        for request in batch.requests:
-            end = offset + request.samples
-            if lengths is not None:
-                outputs = lengths.answer(outcome.outputs, slice(offset, end), request)
-            elif request.single:
-                outputs = {name: arr[offset] for name, arr in outcome.outputs.items()}
-            else:
-                outputs = {name: arr[offset:end] for name, arr in outcome.outputs.items()}
-            offset = end
-            queue_ms = (request.dispatched_at - request.arrived_at) * 1000.0
-            resolve(
-                request.future,
-                RequestResult(outputs, batch.samples, outcome.device, queue_ms, compute_ms),
-            )
+        non_finite = non_finite_samples(outcome.outputs)
+        if non_finite:
+            self._metrics.non_finite_outputs(self.model, non_finite)
+        answer_each(batch, outcome, self._lengths)
         self._metrics.batch_done(self.model, outcome.device, batch, outcome.compute_s)
-        if lengths is not None:
+        if self._lengths is not None:
             self._metrics.padded_batch(self.model, batch)
-
-    def _count_non_finite(self, outputs: dict[str, np.ndarray]) -> None:
-        """Samples whose outputs hold NaN or infinity (answered as they are: see codec.py)."""
-        rows: np.ndarray | None = None
-        for arr in outputs.values():
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-                rows = bad if rows is None else rows | bad
-        if rows is not None:
-            self._metrics.non_finite_outputs(self.model, int(rows.sum()))
 
     def _bisect(self, batch: Batch, outcome: BatchFailed) -> None:
         self._metrics.batch_failed(self.model, outcome.device, batch.samples)

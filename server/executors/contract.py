@@ -57,7 +57,9 @@ class FailureKind(str, Enum):
 
 
 ModelSpecs = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]  # (inputs, outputs)
-Points = list[tuple[int, float]]  # a calibration: (samples, seconds) per timed size
+# A calibration: (samples, seconds) per timed size; (samples, length, seconds) per timed point
+# of a model with a dynamic dimension. On the wire a list of 2 or 3 numbers each.
+Points = list[tuple[int, float] | tuple[int, int, float]]
 
 
 def _specs(raw: list[Any]) -> tuple[TensorSpec, ...]:
@@ -106,7 +108,8 @@ class LoadFailed:
 @dataclass(slots=True)
 class Attach:
     """The worker's shared-memory segment (laid out by shm_layout.plan_layout for these models
-    and `slots`), and the batch sizes to time per model before it reports ready."""
+    and `slots`), and the batch sizes to time per model before it reports ready (a model with
+    a dynamic dimension at lengths up to its max_length: profiling.calibration_points)."""
 
     TAG: ClassVar[str] = "attach"
     segment: str
@@ -132,17 +135,24 @@ class Ready:
     notes: list[str]
 
     def to_wire(self) -> list[Any]:
-        timings = {name: [[n, s] for n, s in points] for name, points in self.timings.items()}
+        timings = {name: [list(p) for p in points] for name, points in self.timings.items()}
         return [self.TAG, timings, self.caps, self.notes]
 
     @classmethod
     def from_wire(cls, fields: list[Any]) -> Ready:
         _, timings, caps, notes = fields
         return cls(
-            {str(k): [(int(n), float(s)) for n, s in v] for k, v in timings.items()},
+            {str(k): [_point(p) for p in v] for k, v in timings.items()},
             {str(k): int(v) for k, v in caps.items()},
             [str(note) for note in notes],
         )
+
+
+def _point(raw: list[Any]) -> tuple[int, float] | tuple[int, int, float]:
+    if len(raw) == 2:
+        return int(raw[0]), float(raw[1])
+    n, length, seconds = raw
+    return int(n), int(length), float(seconds)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from server.executors.contract import (
     FailureKind,
     Loaded,
     LoadFailed,
+    Points,
     Ready,
     WorkerSetup,
 )
@@ -81,7 +82,7 @@ class CpuPool:
         self._configs = models
         # Worker 0 times these models over these batch sizes once, before it reports ready.
         self._calibrate = {name: list(sizes) for name, sizes in (calibrate or {}).items()}
-        self.calibration: dict[str, list[tuple[int, float]]] = {}
+        self.calibration: dict[str, Points] = {}
         self._size = workers
         self._threads = threads
         self._metrics = metrics

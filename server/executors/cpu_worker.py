@@ -29,7 +29,7 @@ from server.executors.contract import (
     Run,
     WorkerSetup,
 )
-from server.executors.profiling import time_sizes_blocking, zero_inputs
+from server.executors.profiling import calibration_points, time_points_blocking, zero_inputs
 from server.executors.worker_channel import Channel
 from server.executors.worker_segment import Segment, attached
 from server.models.loading import LoadedModel, ModelLoadError, declared_output, load_model
@@ -68,7 +68,7 @@ def worker_main(conn: Connection, setup: WorkerSetup) -> None:
         for n, m in models.items()
     }
     with attached(attach, layout) as views:
-        channel.send(Ready(profile_cpu_blocking(models, attach.plan), {}, []))
+        channel.send(Ready(profile_cpu_blocking(models, attach.plan, setup.models), {}, []))
         channel.serve_blocking(functools.partial(_run, channel, models, views))
 
 
@@ -119,27 +119,34 @@ def _run(channel: Channel, models: dict[str, LoadedModel], segment: Segment, run
 
 
 def profile_cpu_blocking(
-    models: Mapping[str, LoadedModel], plan: Mapping[str, Sequence[int]]
+    models: Mapping[str, LoadedModel],
+    plan: Mapping[str, Sequence[int]],
+    configs: Sequence[ModelConfig],
 ) -> dict[str, Points]:
-    """Each planned model timed over its sizes. A model that fails here is left out (the server
-    logs that it has no calibration)."""
+    """Each planned model timed over its sizes (a model with a dynamic dimension over lengths
+    too: profiling.calibration_points). A model that fails here is left out (the server logs
+    that it has no calibration)."""
+    max_lengths = {cfg.name: cfg.batching.max_length for cfg in configs}
     report: dict[str, Points] = {}
     for name, sizes in plan.items():
         model = models.get(name)
         if model is None:
             continue
-        inputs = {n: [torch.from_numpy(a) for a in zero_inputs(model.inputs, n)] for n in sizes}
+        points = calibration_points(sizes, model.inputs, max_lengths.get(name, 1))
+        inputs = {p: [torch.from_numpy(a) for a in zero_inputs(model.inputs, *p)] for p in points}
         try:
-            timings = time_sizes_blocking(functools.partial(_run_cpu, model, inputs), sizes)
+            timings = time_points_blocking(functools.partial(_run_cpu, model, inputs), points)
         except Exception:  # the worker's boundary: calibration must never stop a start-up
             continue
-        report[name] = [(t.samples, t.median_s) for t in timings]
+        report[name] = [t.point() for t in timings]
     return report
 
 
-def _run_cpu(model: LoadedModel, inputs: Mapping[int, list[torch.Tensor]], n: int) -> None:
+def _run_cpu(
+    model: LoadedModel, inputs: Mapping[tuple[int, int], list[torch.Tensor]], n: int, length: int
+) -> None:
     with torch.inference_mode():
-        model.run(inputs[n])
+        model.run(inputs[(n, length)])
 
 
 def _run_batch(

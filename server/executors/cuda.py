@@ -31,6 +31,7 @@ from server.executors.contract import (
     Loaded,
     LoadFailed,
     ModelSpecs,
+    Points,
     Ready,
 )
 from server.executors.staging import Staging
@@ -70,7 +71,7 @@ class CudaExecutor:
         self._phase: asyncio.Future[Loaded | Ready] | None = None  # start-up's next message
         self.specs: dict[str, ModelSpecs] = {}
         self.caps = {m.name: m.batching.max_batch_size for m in models}
-        self.calibration: dict[str, list[tuple[int, float]]] = {}
+        self.calibration: dict[str, Points] = {}
 
     # Start and stop ------------------------------------------------------------------------
     async def start(self, timeout_s: float, plan: Mapping[str, Sequence[int]]) -> None:

@@ -35,7 +35,12 @@ from server.executors.contract import (
 )
 from server.executors.cuda_failure import classify, describe
 from server.executors.cuda_instance import CudaInstance, DeviceCap, Pending
-from server.executors.profiling import calibration_sizes, time_sizes_blocking, zero_inputs
+from server.executors.profiling import (
+    calibration_points,
+    calibration_sizes,
+    time_points_blocking,
+    zero_inputs,
+)
 from server.executors.worker_channel import Channel
 from server.executors.worker_segment import Segment, attached
 from server.models.loading import load_model
@@ -60,24 +65,30 @@ def cuda_worker_main(conn: Connection, setup: CudaSetup) -> None:
     sizes = {cfg.name: cfg.batching for cfg in setup.models}
     layout = {n: (*specs[n], sizes[n].max_batch_size, sizes[n].max_length) for n in specs}
     with attached(attach, layout) as views:
-        if _warm_and_time(channel, setup.device_index, instances, attach.plan):
+        if _warm_and_time(channel, setup, instances, attach.plan):
             serve_blocking(channel, instances, views)
 
 
 def _warm_and_time(
     channel: Channel,
-    index: int,
+    setup: CudaSetup,
     instances: dict[str, list[CudaInstance]],
     plan: dict[str, list[int]],
 ) -> bool:
     """Warms every instance, times the first of each planned model, reports ready."""
+    index = setup.device_index
     try:
         notes = [n for group in instances.values() for i in group for n in _warm(i)]
     except Exception as exc:  # a model that loads but cannot run on this device
         channel.send(LoadFailed(f"cuda:{index}: warm-up failed: {type(exc).__name__}: {exc}"))
         return False
     first = {name: group[0] for name, group in instances.items()}
-    timings = {name: _profile(first[name], sizes) for name, sizes in plan.items() if name in first}
+    max_lengths = {cfg.name: cfg.batching.max_length for cfg in setup.models}
+    timings = {
+        name: _profile(first[name], sizes, max_lengths[name])
+        for name, sizes in plan.items()
+        if name in first
+    }
     caps = {name: i.cap.value for name, i in first.items()}
     channel.send(Ready(timings, caps, notes))
     return True
@@ -113,13 +124,14 @@ def _warm(instance: CudaInstance) -> list[str]:
     return instance.warm_blocking(calibration_sizes(instance.max_batch), lengths=lengths)
 
 
-def _profile(instance: CudaInstance, sizes: list[int]) -> Points:
-    inputs = {n: zero_inputs(instance.model.inputs, n) for n in sizes}
+def _profile(instance: CudaInstance, sizes: list[int], max_length: int) -> Points:
+    points = calibration_points(sizes, instance.model.inputs, max_length)
+    inputs = {p: zero_inputs(instance.model.inputs, *p) for p in points}
     try:
-        timings = time_sizes_blocking(lambda n: instance.run_blocking(inputs[n]), sizes)
+        timings = time_points_blocking(lambda n, at: instance.run_blocking(inputs[(n, at)]), points)
     except Exception:  # calibration must never stop a start-up: no points, a logged warning
         return []
-    return [(t.samples, t.median_s) for t in timings]
+    return [t.point() for t in timings]
 
 
 def serve_blocking(

@@ -6,6 +6,7 @@ processes all share these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -97,11 +98,11 @@ class TensorSpec:
         )
 
 
-def sent(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+def sent(specs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
     """The inputs a client sends: all but those the server fills."""
     return tuple(s for s in specs if not s.fill)
 
 
-def is_dynamic(specs: tuple[TensorSpec, ...]) -> bool:
+def is_dynamic(specs: Sequence[TensorSpec]) -> bool:
     """Whether a model's inputs have a dynamic length (so its batches are padded)."""
     return any(s.dynamic_axis is not None for s in specs)

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ModelConfig
+from server.routing.cost import Point
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
-Points = list[tuple[int, float]]
+CACHE_VERSION = 2  # 2: points may carry a length; keys name max_length
+Points = list[Point]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Identity:
 def cache_key(cfg: ModelConfig, ident: Identity, device: str) -> str:
     """device: "cpu/<cpu name>/<threads>t" or "cuda/<gpu name>"; GPU settings are part of it."""
     parts = [cfg.name, ident.model_digest, device, f"torch {ident.torch_version}"]
-    parts.append(f"max {cfg.batching.max_batch_size}")
+    parts.append(f"max {cfg.batching.max_batch_size} length {cfg.batching.max_length}")
     if device.startswith("cuda"):
         placement = cfg.placement
         parts.append(f"half {placement.half_precision} compile {placement.compile}")
@@ -72,7 +73,7 @@ def load_cache_blocking(path: str | None) -> dict[str, Points]:
         return {}
 
 
-def save_cache_blocking(path: str | None, fresh: Mapping[str, Sequence[tuple[int, float]]]) -> None:
+def save_cache_blocking(path: str | None, fresh: Mapping[str, Sequence[Point]]) -> None:
     """Merges fresh entries into the file (atomically replaced); failures are logged only."""
     if not path or not fresh:
         return
@@ -84,7 +85,7 @@ def save_cache_blocking(path: str | None, fresh: Mapping[str, Sequence[tuple[int
                 if old.get("version") == CACHE_VERSION:
                     entries = dict(old["entries"])
         for key, points in fresh.items():
-            entries[key] = {"points": [[int(n), float(s)] for n, s in points]}
+            entries[key] = {"points": [_to_json(p) for p in points]}
         _write_atomically(Path(path), {"version": CACHE_VERSION, "entries": entries})
     except OSError as exc:
         log.warning("could not write the calibration cache %s: %s", path, exc)
@@ -103,8 +104,22 @@ def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
         raise
 
 
+def _to_json(point: Point) -> list[float]:
+    """[samples, seconds], or [samples, length, seconds] where a length varies."""
+    if len(point) == 2:
+        return [int(point[0]), float(point[1])]
+    return [int(point[0]), int(point[1]), float(point[2])]
+
+
+def _point(raw: Any) -> Point:
+    if len(raw) == 2:
+        return int(raw[0]), float(raw[1])
+    n, length, seconds = raw
+    return int(n), int(length), float(seconds)
+
+
 def _points(raw: Any) -> Points:
-    points = [(int(n), float(s)) for n, s in raw]
+    points = [_point(p) for p in raw]
     if not points:
         raise ValueError("an entry without points")
     return points

@@ -1,5 +1,6 @@
-"""What a batch of n samples costs on one device: `fixed_s + per_sample_s * n`, fitted to
-calibration points and corrected online from observed batch times.
+"""What a batch costs on one device, `a + b*n*L + c*n*L^2` for n samples padded to length L
+(cost_fit.py; L = 1 and c = 0 for a fixed shape), fitted to calibration points and corrected
+online from observed batch times; and the sanity check of a calibration.
 
 Pure: plain floats in, plain floats out; no clock, no I/O, no torch. The router owns one
 OnlineCost per (model, device) on the event loop and feeds it each finished batch.
@@ -16,116 +17,95 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MIN_COST_S = 1e-6  # a batch never costs less than this: keeps every estimate positive
+from server.routing.cost_fit import MIN_COST_S as MIN_COST_S
+from server.routing.cost_fit import CostFit as CostFit
+from server.routing.cost_fit import FitSums as FitSums
+from server.routing.cost_fit import solve as solve
+from server.routing.cost_fit import weighted_sums
+
 DECAY = 0.97  # per observed batch: the last ~30 batches carry the estimate
 PRIOR_IMPORTANCE = 1.0  # the calibration counts as this many observed batches, forever
 
-
-@dataclass(frozen=True, slots=True)
-class CostFit:
-    """cost(n) = fixed_s + per_sample_s * n, both >= 0: positive and monotone by construction."""
-
-    fixed_s: float
-    per_sample_s: float
-
-    def cost_s(self, samples: int) -> float:
-        return max(MIN_COST_S, self.fixed_s + self.per_sample_s * samples)
-
+# A measured point: (samples, seconds) for a fixed shape, or (samples, length, seconds) for a
+# model with a dynamic dimension (a pair is read as length 1).
+Point = tuple[int, float] | tuple[int, int, float]
 
 # Where nothing was measured: a second per batch, so that an uncalibrated executor is used only
 # when it is the only one, until observed batches say what it really costs.
 UNKNOWN_COST = CostFit(1.0, 0.0)
 
 
-@dataclass(frozen=True, slots=True)
-class FitSums:
-    """Weighted sums for least squares of y = a + b n."""
-
-    w: float = 0.0
-    wn: float = 0.0
-    wnn: float = 0.0
-    wy: float = 0.0
-    wny: float = 0.0
-
-    def add(self, n: float, y: float, weight: float) -> FitSums:
-        return FitSums(
-            self.w + weight,
-            self.wn + weight * n,
-            self.wnn + weight * n * n,
-            self.wy + weight * y,
-            self.wny + weight * n * y,
-        )
-
-    def scaled(self, factor: float) -> FitSums:
-        return FitSums(*(factor * v for v in (self.w, self.wn, self.wnn, self.wy, self.wny)))
-
-    def plus(self, other: FitSums) -> FitSums:
-        return FitSums(
-            self.w + other.w,
-            self.wn + other.wn,
-            self.wnn + other.wnn,
-            self.wy + other.wy,
-            self.wny + other.wny,
-        )
+def spread(point: Point) -> tuple[int, int, float]:
+    """(samples, length, seconds)."""
+    if len(point) == 2:
+        return point[0], 1, point[1]
+    return point
 
 
-def solve(sums: FitSums) -> CostFit | None:
-    """The least-squares line, held to a >= 0 and b >= 0; None without any weight."""
-    if sums.w <= 0.0:
-        return None
-    det = sums.w * sums.wnn - sums.wn * sums.wn
-    if det <= 1e-12 * sums.w * max(sums.wnn, 1e-300):
-        return CostFit(sums.wy / sums.w, 0.0)  # one batch size only: no slope to see
-    b = (sums.w * sums.wny - sums.wn * sums.wy) / det
-    a = (sums.wy - b * sums.wn) / sums.w
-    if b < 0.0:  # bigger batches measured cheaper: noise; a flat cost is the honest reading
-        return CostFit(max(0.0, sums.wy / sums.w), 0.0)
-    if a < 0.0:  # a line through the origin, refitted
-        return CostFit(0.0, max(0.0, sums.wny / sums.wnn))
-    return CostFit(a, b)
+def usable(point: Point) -> bool:
+    n, length, y = spread(point)
+    return n >= 1 and length >= 1 and math.isfinite(y) and y > 0.0
 
 
-def relative_sums(points: Sequence[tuple[int, float]], importance: float) -> FitSums:
-    """Sums over (samples, seconds) points, each weighted 1/y^2, scaled to `importance`."""
-    sums = FitSums()
-    for n, y in points:
-        sums = sums.add(float(n), y, 1.0 / (y * y))
+def relative_sums(points: Sequence[Point], importance: float) -> FitSums:
+    """Sums over measured points, each weighted 1/y^2, scaled to `importance`."""
+    sums = weighted_sums((n, length, y, 1.0 / (y * y)) for n, length, y in map(spread, points))
     return sums.scaled(importance / len(points)) if points else sums
 
 
-def check_points(points: Sequence[tuple[int, float]]) -> list[str]:
+def check_points(points: Sequence[Point]) -> list[str]:
     """Why a calibration cannot be used as it is (empty: fine). Plain sentences for the log."""
     problems = []
     if not points:
         return ["no measurements"]
-    bad = [(n, y) for n, y in points if not (n >= 1 and math.isfinite(y) and y > 0.0)]
+    bad = [p for p in points if not usable(p)]
     if bad:
         problems.append(f"unusable measurements {bad}")
-    if len({n for n, _ in points}) < 2:
+    spread_points = [spread(p) for p in points]
+    if len({n for n, _, _ in spread_points}) < 2:
         problems.append("only one batch size measured: the per-sample cost is unknown")
-    ordered = sorted(points)
-    for (n0, y0), (n1, y1) in itertools.pairwise(ordered):
-        if y1 < 0.5 * y0:
-            problems.append(f"batch {n1} measured at under half the time of batch {n0}")
+    return problems + _slower_when_bigger(spread_points)
+
+
+def _slower_when_bigger(points: Sequence[tuple[int, int, float]]) -> list[str]:
+    """A bigger batch (or, at one batch size, a longer one) measured at under half the time of
+    the one below it: a burst of other load, or a broken profile."""
+    problems = []
+    for length in sorted({length for _, length, _ in points}):
+        ordered = sorted((n, y) for n, l_, y in points if l_ == length)
+        at = f" at length {length}" if length != 1 else ""
+        for (n0, y0), (n1, y1) in itertools.pairwise(ordered):
+            if y1 < 0.5 * y0:
+                problems.append(f"batch {n1} measured at under half the time of batch {n0}{at}")
+    for n in sorted({n for n, _, _ in points}):
+        ordered = sorted((length, y) for n_, length, y in points if n_ == n)
+        for (l0, y0), (l1, y1) in itertools.pairwise(ordered):
+            if l1 > l0 and y1 < 0.5 * y0:
+                problems.append(
+                    f"length {l1} measured at under half the time of length {l0} (batch {n})"
+                )
     return problems
 
 
-def fit_points(points: Sequence[tuple[int, float]]) -> CostFit:
+def fit_points(points: Sequence[Point]) -> CostFit:
     """The calibration's fit; measurements that are not positive and finite are left out."""
-    good = [(n, y) for n, y in points if n >= 1 and math.isfinite(y) and y > 0.0]
-    fit = solve(relative_sums(good, 1.0))
+    fit = solve(relative_sums([p for p in points if usable(p)], 1.0))
     return fit if fit is not None else CostFit(MIN_COST_S, 0.0)
 
 
-def worst_relative_error(fit: CostFit, points: Sequence[tuple[int, float]]) -> float:
-    return max((abs(fit.cost_s(n) - y) / y for n, y in points if y > 0.0), default=0.0)
+def worst_relative_error(fit: CostFit, points: Sequence[Point]) -> float:
+    spread_points = map(spread, points)
+    return max(
+        (abs(fit.cost_s(n, length) - y) / y for n, length, y in spread_points if y > 0.0),
+        default=0.0,
+    )
 
 
-def worst_misfit(fit: CostFit, points: Sequence[tuple[int, float]]) -> float:
+def worst_misfit(fit: CostFit, points: Sequence[Point]) -> float:
     """How far the fit is off at its worst point, as a factor less one, either way: 1.0 is
     twice or half the measured time. (worst_relative_error never exceeds 1 for a fit that is
     too low, however far: it cannot tell 2x from 100x that way.)"""
-    ratios = (fit.cost_s(n) / y for n, y in points if y > 0.0)
+    ratios = (fit.cost_s(n, length) / y for n, length, y in map(spread, points) if y > 0.0)
     return max((max(r, 1.0 / r) - 1.0 for r in ratios), default=0.0)
 
 
@@ -141,8 +121,8 @@ class Vetted:
     """A calibration after its sanity check: the points its fit uses, the ones left out as
     outliers, what the check found in the raw points, and how far the fit misses its points."""
 
-    points: tuple[tuple[int, float], ...]
-    dropped: tuple[tuple[int, float], ...]
+    points: tuple[Point, ...]
+    dropped: tuple[Point, ...]
     problems: tuple[str, ...]
     misfit: float  # worst_misfit of the fit on `points`
 
@@ -152,21 +132,21 @@ class Vetted:
         return not self.points or self.misfit > MAX_MISFIT
 
 
-def vet_points(points: Sequence[tuple[int, float]]) -> Vetted:
+def vet_points(points: Sequence[Point]) -> Vetted:
     """Checks a calibration and refits it without its outliers where it needs to: while the
     check finds problems or the fit misses a point by more than OUTLIER_MISFIT, the one point
     whose removal best fits the rest is left out, at most a quarter of them and never below
     two batch sizes. Each candidate is judged by a fit without it (the relative weighting lets
     a too-fast outlier pull the fit onto itself, so its own error would not show it)."""
-    kept = [(n, y) for n, y in points if n >= 1 and math.isfinite(y) and y > 0.0]
+    kept = [p for p in points if usable(p)]
     problems = tuple(check_points(points))
-    dropped: list[tuple[int, float]] = []
+    dropped: list[Point] = []
     budget = len(kept) // 4
 
-    def misses(sample: Sequence[tuple[int, float]]) -> float:
+    def misses(sample: Sequence[Point]) -> float:
         return worst_misfit(fit_points(sample), sample)
 
-    while len(dropped) < budget and len({n for n, _ in kept}) > 2:
+    while len(dropped) < budget and len({p[0] for p in kept}) > 2:
         if not check_points(kept) and misses(kept) <= OUTLIER_MISFIT:
             break
         index = min(range(len(kept)), key=lambda i: misses(kept[:i] + kept[i + 1 :]))
@@ -181,29 +161,29 @@ class OnlineCost:
     The calibration stays as a small prior that never decays, so that a long run of one batch
     size cannot make the slope unknowable; observations decay by DECAY per batch, so that after
     a few dozen batches they outweigh a wrong calibration about thirtyfold. Every point is
-    weighted relative to the current estimate at its size, prior and observations alike, so
-    that their importances compare whichever way the calibration was wrong.
+    weighted relative to the current estimate at its size and length, prior and observations
+    alike, so that their importances compare whichever way the calibration was wrong.
     """
 
-    def __init__(self, points: Sequence[tuple[int, float]]) -> None:
-        self._prior = [(n, y) for n, y in points if n >= 1 and math.isfinite(y) and y > 0.0]
+    def __init__(self, points: Sequence[Point]) -> None:
+        self._prior = [spread(p) for p in points if usable(p)]
         self.calibrated = fit_points(self._prior) if self._prior else UNKNOWN_COST
         self._online = FitSums()
         self.fit = self.calibrated
         self.observed = 0
 
-    def observe(self, samples: int, seconds: float) -> CostFit:
-        if not (samples >= 1 and math.isfinite(seconds) and seconds > 0.0):
+    def observe(self, samples: int, seconds: float, length: int = 1) -> CostFit:
+        if not (samples >= 1 and length >= 1 and math.isfinite(seconds) and seconds > 0.0):
             return self.fit
-        predicted = self.fit.cost_s(samples)
+        predicted = self.fit.cost_s(samples, length)
         self._online = self._online.scaled(DECAY).add(
-            float(samples), seconds, 1.0 / (predicted * predicted)
+            float(samples), seconds, 1.0 / (predicted * predicted), length
         )
         self.observed += 1
-        prior = FitSums()
-        for n, y in self._prior:  # none where nothing was measured: observations alone
-            reference = self.fit.cost_s(n)
-            prior = prior.add(float(n), y, PRIOR_IMPORTANCE / len(self._prior) / reference**2)
+        share = PRIOR_IMPORTANCE / len(self._prior) if self._prior else 0.0
+        prior = weighted_sums(  # none where nothing was measured: observations alone
+            (n, at, y, share / self.fit.cost_s(n, at) ** 2) for n, at, y in self._prior
+        )
         fit = solve(prior.plus(self._online))
         if fit is not None:
             self.fit = fit

@@ -13,6 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
 from server.clock import Clock
 from server.config import Config, ModelConfig
 from server.executors.base import BatchFailed, Dispatcher
@@ -24,8 +26,10 @@ from server.executors.profiling import calibration_sizes
 from server.executors.watchdog import batch_timeout_s
 from server.metrics import Metrics
 from server.models.info import ModelInfo
+from server.models.spec import is_dynamic
 from server.routing import calibration as cal
-from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, Vetted, vet_points
+from server.routing.cost import MAX_MISFIT, UNKNOWN_COST, Point, Vetted, vet_points
+from server.routing.cost_fit import CostFit
 from server.routing.router import Router, Target
 from server.routing.routes import CPU, route
 
@@ -200,13 +204,36 @@ class Devices:
         for gpu in self.gpus:
             await gpu.stop()
 
-    def calibrated_cost(self, model: str) -> Callable[[int], float] | None:
-        """The model's calibrated batch cost, seconds for n samples, at its cheapest among the
-        devices it may use (a batch goes where it finishes first); None where nothing usable
-        was measured (the calibration failed its check, or no executor timed it)."""
-        if self.router is None:
+    def calibrated_cost(self, model: str) -> Callable[[int, int], float] | None:
+        """The model's calibrated batch cost, seconds for n samples padded to length L (1 for a
+        fixed shape), at its cheapest among the devices it may use (a batch goes where it
+        finishes first); None where nothing usable was measured (the calibration failed its
+        check, or no executor timed it)."""
+        fits = self._calibrated_fits(model)
+        if not fits:
             return None
-        fits = [
+        if len(fits) == 1:
+            return fits[0].cost_s
+        return lambda samples, length: min(fit.cost_s(samples, length) for fit in fits)
+
+    def batch_cost(self, model: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """calibrated_cost over numpy arrays of (samples, length): the length-aware formation
+        scores all its candidate batches at once."""
+        fits = self._calibrated_fits(model)
+        if not fits:
+            return None
+
+        def cost(samples: np.ndarray, length: np.ndarray) -> np.ndarray:
+            tokens = samples * length
+            each = [f.fixed_s + (f.per_sample_s + f.quadratic_s * length) * tokens for f in fits]
+            return np.asarray(np.min(each, axis=0), dtype=np.float64)
+
+        return cost
+
+    def _calibrated_fits(self, model: str) -> list[CostFit]:
+        if self.router is None:
+            return []
+        return [
             calibrated
             for (name, device), (calibrated, _, _) in self.router.costs().items()
             if name == model
@@ -214,11 +241,6 @@ class Devices:
             and calibrated is not UNKNOWN_COST
             and (name, device) not in self._untrusted
         ]
-        if not fits:
-            return None
-        if len(fits) == 1:
-            return fits[0].cost_s
-        return lambda samples: min(fit.cost_s(samples) for fit in fits)
 
     def watch_batches(self, metrics: Metrics) -> None:
         """Starts the stuck-batch watchdogs: each executor gets every model's time limit there
@@ -245,7 +267,15 @@ class Devices:
         calibrated = self.router.costs().get((model, device), (UNKNOWN_COST,))[0]
         if calibrated is UNKNOWN_COST:
             return None
-        return calibrated.cost_s(self.infos[model].batching.max_batch_size)
+        info = self.infos[model]
+        # The longest batch a dynamic model may form: a batch of the longest requests must not
+        # trip the watchdog.
+        length = self.max_length(model) if is_dynamic(info.inputs) else 1
+        return calibrated.cost_s(info.batching.max_batch_size, length)
+
+    def max_length(self, model: str) -> int:
+        """The longest padded length a batch of this model may have (config; dynamic models)."""
+        return self._config.model(model).batching.max_length
 
     def unavailable(self, model: str) -> str | None:
         """Why no executor can run this model's batches now, or None if one can."""
@@ -275,10 +305,11 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
         log.warning("calibration of %r on %s: %s", model, device_id, "; ".join(vetted.problems))
     if vetted.dropped:
         log.warning(
-            "calibration of %r on %s: refitted without the outlier(s) %s (samples, seconds)",
+            "calibration of %r on %s: refitted without the outlier(s) %s (samples, %sseconds)",
             model,
             device_id,
-            ", ".join(f"({n}, {y:.6f})" for n, y in vetted.dropped),
+            ", ".join(_describe(p) for p in vetted.dropped),
+            "length, " if any(len(p) == 3 for p in vetted.dropped) else "",
         )
     if vetted.points and vetted.rejected:
         log.error(
@@ -289,6 +320,11 @@ def _log_vetted(model: str, device_id: str, vetted: Vetted) -> None:
             1.0 + vetted.misfit,
             1.0 + MAX_MISFIT,
         )
+
+
+def _describe(point: Point) -> str:
+    *ints, seconds = point
+    return "(" + ", ".join([*(str(i) for i in ints), f"{seconds:.6f}"]) + ")"
 
 
 def _out_of_memory(failure: BatchFailed) -> bool:

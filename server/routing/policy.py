@@ -31,27 +31,28 @@ class Candidate:
     batches_since_used: int = 0  # batches of this model routed elsewhere since it ran one
 
 
-def batch_cost_s(fit: CostFit, samples: int, cap: int) -> float:
-    """A batch over the cap runs as full chunks of `cap` plus one remainder."""
+def batch_cost_s(fit: CostFit, samples: int, cap: int, length: int = 1) -> float:
+    """A batch over the cap runs as full chunks of `cap` plus one remainder, each padded to
+    the batch's length."""
     if samples <= cap:
-        return fit.cost_s(samples)
+        return fit.cost_s(samples, length)
     full, rest = divmod(samples, cap)
-    return full * fit.cost_s(cap) + (fit.cost_s(rest) if rest else 0.0)
+    return full * fit.cost_s(cap, length) + (fit.cost_s(rest, length) if rest else 0.0)
 
 
-def finish_s(candidate: Candidate, samples: int) -> float:
-    return candidate.backlog_s + batch_cost_s(candidate.fit, samples, candidate.cap)
+def finish_s(candidate: Candidate, samples: int, length: int = 1) -> float:
+    return candidate.backlog_s + batch_cost_s(candidate.fit, samples, candidate.cap, length)
 
 
-def choose(samples: int, candidates: Sequence[Candidate]) -> int:
-    """The index of the candidate that should run a batch of `samples`.
+def choose(samples: int, candidates: Sequence[Candidate], length: int = 1) -> int:
+    """The index of the candidate that should run a batch of `samples` padded to `length`.
 
     Earliest expected finish wins; on a tie one with a free slot, then the earlier listed (the
     CPU pool is listed first). Exploration may pick an idle, neglected one instead.
     """
     if not candidates:
         raise ValueError("no executor to choose from")
-    finishes = [finish_s(c, samples) for c in candidates]
+    finishes = [finish_s(c, samples, length) for c in candidates]
     best = min(
         range(len(candidates)),
         key=lambda i: (finishes[i], candidates[i].free_slots <= 0, i),
@@ -81,12 +82,13 @@ def backlog_s(
     return free_at[0]
 
 
-def crossover(cpu: CostFit, gpu: CostFit, max_samples: int) -> int | None:
-    """The smallest batch size from which the GPU is cheaper at every size up to max_samples;
-    None when the CPU is cheaper (or as cheap) at max_samples."""
+def crossover(cpu: CostFit, gpu: CostFit, max_samples: int, length: int = 1) -> int | None:
+    """The smallest batch size from which the GPU is cheaper at every size up to max_samples,
+    for batches padded to `length`; None when the CPU is cheaper (or as cheap) at max_samples."""
+    cpu, gpu = cpu.at_length(length), gpu.at_length(length)
     if gpu.cost_s(max_samples) >= cpu.cost_s(max_samples):
         return None
-    # Both lines: the difference is linear in n, so it changes sign at most once.
+    # At one length both are lines in n: the difference changes sign at most once.
     slope = cpu.per_sample_s - gpu.per_sample_s
     gap = gpu.fixed_s - cpu.fixed_s  # how much more the GPU costs at n = 0
     if gap < 0.0 or cpu.cost_s(1) > gpu.cost_s(1):

@@ -25,7 +25,7 @@ from server.executors.base import (
     Dispatcher,
     DoneCallback,
 )
-from server.routing.cost import UNKNOWN_COST, CostFit, OnlineCost
+from server.routing.cost import UNKNOWN_COST, CostFit, OnlineCost, Point
 from server.routing.policy import Candidate, backlog_s, batch_cost_s, choose
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,14 @@ class _TargetState:
 
 class Router:
     """routes: model -> the names of the targets it may use, in preference order (CPU first);
-    costs: (model, target name) -> calibration points [(samples, seconds)]."""
+    costs: (model, target name) -> calibration points (cost.Point: (samples, seconds), or
+    (samples, length, seconds) for a model with a dynamic dimension)."""
 
     def __init__(
         self,
         targets: Sequence[Target],
         routes: Mapping[str, Sequence[str]],
-        costs: Mapping[tuple[str, str], Sequence[tuple[int, float]]],
+        costs: Mapping[tuple[str, str], Sequence[Point]],
         clock: Clock,  # only read: the router sets no timers
         fallback: str = "cpu",
     ) -> None:
@@ -104,10 +105,12 @@ class Router:
     def _route(self, batch: Batch, done: DoneCallback, avoid: str | None) -> None:
         states = self._usable(batch.model, avoid)
         now = self._clock.now()
-        chosen = states[choose(batch.samples, [self._candidate(s, batch, now) for s in states])]
+        candidates = [self._candidate(s, batch, now) for s in states]
+        chosen = states[choose(batch.samples, candidates, batch.length)]
         self._note_choice(batch.model, chosen, states)
         cap = chosen.target.cap(batch.model)
-        cost = batch_cost_s(self.cost(batch.model, chosen.target.name), batch.samples, cap)
+        fit = self.cost(batch.model, chosen.target.name)
+        cost = batch_cost_s(fit, batch.samples, cap, batch.length)
         entry = _Entry(batch.model, batch.samples, cost)
         chosen.entries.append(entry)
         if chosen.held or chosen.target.dispatcher.free_slots(batch.model) <= 0:
@@ -184,7 +187,7 @@ class Router:
         if isinstance(outcome, BatchDone):
             online = self._costs.get((batch.model, state.target.name))
             if online is not None:
-                online.observe(batch.samples, outcome.compute_s)
+                online.observe(batch.samples, outcome.compute_s, batch.length)
         elif self._retry_elsewhere(state.target, batch, outcome):
             log.warning(
                 "a batch of %d samples of model %r failed on %s (%s); retrying it elsewhere",
