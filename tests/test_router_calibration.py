@@ -65,7 +65,7 @@ def test_cache_keys_name_everything_a_profile_depends_on(tmp_path: Path) -> None
     ident = cal.Identity("builtin:mlp", "2.13.0")
     cpu = cal.cache_key(model(), ident, "cpu/EPYC/1t")
     assert cpu == "m | builtin:mlp | cpu/EPYC/1t | torch 2.13.0 | max 32 length 512"
-    longer = ModelConfig("m", "builtin:mlp", "builtin", (), BatchingConfig(), max_length=1024)
+    longer = ModelConfig("m", "builtin:mlp", "builtin", (), BatchingConfig(max_length=1024))
     assert cal.cache_key(longer, ident, "cpu/EPYC/1t") != cpu  # its lengths are others
     gpu = cal.cache_key(model(half_precision="fp16"), ident, "cuda/H200")
     assert gpu.endswith("| half fp16 compile False")
