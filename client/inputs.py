@@ -17,7 +17,7 @@ from client.errors import BadRequest, server_error
 from client.model_info import ModelInfo
 from server.errors import ServingError
 from server.models.matching import Matched, match_inputs
-from server.models.spec import SUPPORTED_DTYPES
+from server.models.spec import SUPPORTED_DTYPES, sent
 
 Inputs = np.ndarray | Mapping[str, np.ndarray]
 _WIRE_DTYPES = frozenset(np.dtype(name) for name in SUPPORTED_DTYPES)
@@ -57,7 +57,7 @@ def batch_form(info: ModelInfo, inputs: dict[str, np.ndarray]) -> Matched:
     """
     max_length = int(info.batching.get("max_length", sys.maxsize))
     try:
-        return match_inputs(info.name, info.inputs, inputs, sys.maxsize, max_length)
+        return match_inputs(info.name, sent(info.inputs), inputs, sys.maxsize, max_length)
     except ServingError as exc:
         raise server_error(exc.code.value, exc.message, exc.http_status) from None
 

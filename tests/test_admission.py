@@ -4,6 +4,7 @@ the queue refusing early and cheaply. Numbers and a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -17,7 +18,20 @@ from server.metrics import Metrics
 from tests.fakes import FakeClock, FakeExecutor
 
 
-def snapshot(**changes: float) -> Admission:
+class Measured:
+    """An estimate that has measured a drain rate and a batch time (0: not yet)."""
+
+    def __init__(self, drain_rate: float, batch_s: float) -> None:
+        self.drain_rate, self.seconds = drain_rate, batch_s
+
+    def rate(self, now: float) -> float:
+        return self.drain_rate
+
+    def batch_s(self, now: float, samples: int, length: int = 1, *, idle: bool = False) -> float:
+        return self.seconds
+
+
+def snapshot(drain_rate: float = 100.0, batch_s: float = 0.05, **changes: float) -> Admission:
     base = {
         "now": 100.0,
         "samples": 1,
@@ -25,10 +39,9 @@ def snapshot(**changes: float) -> Admission:
         "queued_samples": 0,
         "in_flight_samples": 0,
         "max_queue_size": 64,
-        "drain_rate": 100.0,
-        "batch_s": 0.05,
     }
-    return Admission(**{**base, **changes})  # type: ignore[arg-type]
+    fields = {**base, **changes}
+    return Admission(**fields, estimate=Measured(drain_rate, batch_s), batch_samples=8)  # type: ignore[arg-type]
 
 
 def test_an_empty_queue_admits_whatever_the_deadline() -> None:
@@ -56,6 +69,14 @@ def test_a_backlog_that_would_outlast_the_deadline_is_shed_at_once() -> None:
     assert shed is not None and shed.reason == "deadline"
     assert "past this request's deadline" in shed.message
     assert shed.retry_after_s == pytest.approx(0.4)  # until the 40 queued have drained
+
+
+def test_without_a_deadline_only_the_queue_limit_holds() -> None:
+    # What refuse_early asks before the body is read: the deadline comes with the body.
+    backlog = {"queued_samples": 60, "in_flight_samples": 8, "drain_rate": 1.0, "batch_s": 9.0}
+    assert admit(snapshot(**backlog, deadline_at=math.inf)) is None
+    shed = admit(snapshot(**backlog, samples=5, deadline_at=math.inf))
+    assert shed is not None and shed.reason == "queue_full"
 
 
 def make_queue(ex: FakeExecutor, clock: FakeClock, limit: int = 64) -> BatchQueue:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from server.config import BatchingConfig
 from server.errors import BadRequest
+from server.models.info import ModelInfo
 from server.models.matching import castable, match_inputs
 from server.models.spec import TensorSpec
 
@@ -63,11 +65,17 @@ def test_sample_limits() -> None:
         match_inputs("m", ONE, {"x": np.zeros((2, 5), np.float32)}, 8)
 
 
-DYN = (
-    TensorSpec("ids", "int64", (-1,)),
-    TensorSpec("frames", "float32", (-1, 2)),
-    TensorSpec("mask", "bool", (-1,), fill="padding_mask"),
-)
+# The inputs a client sends: the model's, less those the server fills (ModelInfo works it out).
+DYN = ModelInfo(
+    "m",
+    (
+        TensorSpec("ids", "int64", (-1,)),
+        TensorSpec("frames", "float32", (-1, 2)),
+        TensorSpec("mask", "bool", (-1,), fill="padding_mask"),
+    ),
+    (),
+    BatchingConfig(),
+).sent_inputs
 
 
 def test_a_dynamic_dimension_takes_any_length_one_per_request() -> None:

@@ -3,19 +3,35 @@ the batch-time estimate (estimate.py) says: samples answered per second of busy 
 time a batch takes.
 
 No asyncio, no clock reads: the queue passes `now` in, so the rules are tested with numbers.
+The estimate is asked only where the answer depends on it (a backlog and a deadline): most
+requests find neither, and admission runs twice per request.
 Shedding here is cheap (a 503 before any work) and keeps the queue short enough that admitted
 requests still meet their deadline, rather than computing answers that arrive too late.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Protocol
 
 # A backlog is predicted to drain at this fraction of the measured rate: a busy machine slows
 # down now and then (by 40% for seconds on a shared 2-core box), and a request admitted should
 # still make its deadline when it does. The queue stays deep enough to keep executors busy.
 RATE_MARGIN = 0.6
 UNKNOWN_RETRY_AFTER_S = 1.0
+
+
+class Estimate(Protocol):
+    """What admission reads of a model's batch-time estimate (estimate.BatchTime)."""
+
+    def rate(self, now: float) -> float:
+        """Samples answered per second of busy time; 0 while not measured."""
+        ...
+
+    def batch_s(self, now: float, samples: int, length: int = 1, *, idle: bool = False) -> float:
+        """Seconds from dispatch to answer of a batch; 0 while not measured."""
+        ...
 
 
 # Not frozen: built twice per request, and a frozen dataclass's __init__ costs about four
@@ -28,8 +44,9 @@ class Admission:
     queued_samples: int
     in_flight_samples: int
     max_queue_size: int
-    drain_rate: float  # samples per second of busy time; 0 while not yet measured
-    batch_s: float  # time from dispatch to answer of a recent batch; 0 while not yet measured
+    estimate: Estimate
+    batch_samples: int  # the batch whose time a request expects (max_batch_size)
+    length: int = 1  # padded to the request's own length: a long request expects a long batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,21 +62,25 @@ def admit(s: Admission) -> Shed | None:
         return Shed(
             "queue_full",
             f"{s.queued_samples} samples queued, limit {s.max_queue_size}",
-            _seconds(s.queued_samples, s.drain_rate),
+            _seconds(s.queued_samples, s.estimate.rate(s.now)),
         )
-    if s.queued_samples == 0 or s.drain_rate <= 0.0:
-        return None  # no backlog (a free slot takes it soon) or nothing measured yet
+    if s.queued_samples == 0 or s.deadline_at == math.inf:
+        return None  # no backlog (a free slot takes it soon), or no deadline to miss
+    drain_rate = s.estimate.rate(s.now)
+    if drain_rate <= 0.0:
+        return None  # nothing measured yet
     # Everything ahead and the request itself drain at the measured rate; one more batch time
     # covers the batch that is computing when it is dispatched.
     ahead = s.queued_samples + s.in_flight_samples
-    done_at = s.now + (ahead + s.samples) / (RATE_MARGIN * s.drain_rate) + s.batch_s
+    batch_s = s.estimate.batch_s(s.now, s.batch_samples, s.length)
+    done_at = s.now + (ahead + s.samples) / (RATE_MARGIN * drain_rate) + batch_s
     if done_at <= s.deadline_at:
         return None
     return Shed(
         "deadline",
         f"{s.queued_samples} samples queued would take about "
         f"{(done_at - s.now) * 1000.0:.0f} ms, past this request's deadline",
-        max(done_at - s.deadline_at, _seconds(s.queued_samples, s.drain_rate)),
+        max(done_at - s.deadline_at, _seconds(s.queued_samples, drain_rate)),
     )
 
 

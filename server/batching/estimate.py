@@ -18,6 +18,7 @@ at that length, or (without a calibration) a time per unit of length; a fixed sh
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -40,7 +41,9 @@ class BatchTime:
     and unit of length (per batch, for a fixed shape)."""
 
     def __init__(self, prior: Prior | None = None) -> None:
-        self._prior = prior
+        # The calibration is fixed while serving, and admission asks it for the same batch
+        # on every request: remembered (at most a model's batch sizes times its lengths).
+        self._prior = None if prior is None else functools.lru_cache(maxsize=4096)(prior)
         # With a prior: observed / calibrated, averaged. Without one: seconds per batch and
         # unit of padded length.
         self._level = 1.0 if prior is not None else 0.0
@@ -65,7 +68,8 @@ class BatchTime:
 
     def rate(self, now: float) -> float:
         """Samples answered per second of busy time; 0 (unknown) once its evidence is stale."""
-        return self._rate if self._kept(now) >= 0.5 else 0.0
+        # Stale once kept below a half: older than one half-life (no power taken per request).
+        return self._rate if now - self._evidence_at <= self._half_life_s else 0.0
 
     def record(
         self,

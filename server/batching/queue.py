@@ -109,19 +109,18 @@ class BatchQueue:
     def _admit(self, samples: int, deadline_at: float, length: int = 1) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
-        now = self._clock.now()
-        estimate = self._estimate
+        settings = self.settings
         shed = admit(
             Admission(
-                now=now,
-                samples=samples,
-                deadline_at=deadline_at,
-                queued_samples=self._queued_samples,
-                in_flight_samples=self._in_flight_samples,
-                max_queue_size=self.settings.max_queue_size,
-                drain_rate=estimate.rate(now),
-                # A batch of its own length: a long request expects a long batch.
-                batch_s=estimate.batch_s(now, self.settings.max_batch_size, length),
+                self._clock.now(),
+                samples,
+                deadline_at,
+                self._queued_samples,
+                self._in_flight_samples,
+                settings.max_queue_size,
+                self._estimate,
+                settings.max_batch_size,
+                length,
             )
         )
         if shed is not None:

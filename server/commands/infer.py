@@ -23,6 +23,7 @@ from server.config import BUILTIN_MODELS, Config, ConfigError, Flags, ModelConfi
 from server.errors import BadRequest
 from server.models.matching import match_inputs
 from server.models.padding import batch_length, filled
+from server.models.spec import sent
 
 if TYPE_CHECKING:
     from server.models.loading import LoadedModel
@@ -133,7 +134,9 @@ def _match_input(
     file named where the server would name the request field."""
     samples = max(array.shape[0] if array.ndim else 1, 1)  # any sample count fits in-process
     try:
-        matched = match_inputs(model_name, model.inputs, {"input": array}, samples, sys.maxsize)
+        matched = match_inputs(
+            model_name, sent(model.inputs), {"input": array}, samples, sys.maxsize
+        )
     except BadRequest as exc:
         field = "inputs.input "
         text = str(exc)

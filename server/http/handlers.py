@@ -181,7 +181,7 @@ async def run_infer(
     info = endpoint.info
     batching = info.batching
     inputs, samples, single, length = match_inputs(
-        model, info.inputs, decoded.inputs, batching.max_batch_size, batching.max_length
+        model, info.sent_inputs, decoded.inputs, batching.max_batch_size, batching.max_length
     )
     if single and batch_dim_required:
         raise _batch_dim_missing(model, endpoint.info.inputs)

@@ -5,10 +5,10 @@ Plain data; built once at start-up, read on every request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.config import BatchingConfig
-from server.models.spec import TensorSpec
+from server.models.spec import TensorSpec, sent
 
 
 @dataclass(frozen=True)
@@ -17,3 +17,8 @@ class ModelInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: BatchingConfig
+    # The inputs a client sends (the server fills the rest): worked out once, read per request.
+    sent_inputs: tuple[TensorSpec, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sent_inputs", sent(self.inputs))

@@ -39,8 +39,8 @@ def match_inputs(
     max_batch: int,
     max_length: int = 1,
 ) -> Matched:
-    """The request's inputs checked against the model's (those the server fills left out)."""
-    specs = sent(specs)
+    """The request's inputs checked against `specs`, the inputs a client sends (spec.sent: the
+    server fills the others)."""
     named = _by_model_names(model, specs, inputs)
     samples: int | None = None
     single: bool | None = None
@@ -120,10 +120,10 @@ def sample_count(
 ) -> tuple[bool, int]:
     """(sent as one sample, how many samples) for a tensor of `shape`; 400 if it fits neither.
     A dynamic dimension (-1) matches any length."""
-    rank = len(spec.shape)
-    if len(shape) == rank and _fits(shape, spec.shape):
+    want, rank = spec.shape, len(spec.shape)
+    if len(shape) == rank and (shape == want or _fits(shape, want)):
         return True, 1
-    if len(shape) == rank + 1 and _fits(shape[1:], spec.shape):
+    if len(shape) == rank + 1 and (shape[1:] == want or _fits(shape[1:], want)):
         return False, shape[0]
     per_sample = ", ".join("L" if d == DYNAMIC else str(d) for d in spec.shape)
     raise BadRequest(
@@ -134,9 +134,7 @@ def sample_count(
 
 
 def _fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
-    return shape == spec or all(
-        d == want or want == DYNAMIC for d, want in zip(shape, spec, strict=True)
-    )
+    return all(d == want or want == DYNAMIC for d, want in zip(shape, spec, strict=True))
 
 
 def _narrowed(arr: np.ndarray, dtype: np.dtype[np.generic], field: str) -> np.ndarray:
