@@ -35,6 +35,7 @@ async def measure(model: str, sizes: list[int], batches: int) -> list[tuple[int,
     cfg = ModelConfig(model, f"builtin:{model}", "builtin", (), BatchingConfig(max(sizes)))
     pool = CpuPool((cfg,), 1, 1, Metrics())
     await pool.start(120)
+    pool.set_batch_timeouts({model: 60.0}, lambda _model: None)  # watched, as when serving
     loop = asyncio.get_running_loop()
     spec = builtin_input_spec(model)[0]
     rows = []

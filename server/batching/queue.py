@@ -306,6 +306,8 @@ class BatchQueue:
 
     def _expire(self, now: float) -> None:
         """Answer 504 for every queued request whose deadline is lost; it is never computed."""
+        if not self._pending:
+            return  # the common case once a batch is out: no estimate asked
         cutoff = self._cutoff(now)
         if self._earliest_deadline > cutoff:
             return

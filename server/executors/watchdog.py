@@ -79,7 +79,7 @@ class Watchdog(Generic[F]):
 
     def started(self) -> None:
         """A batch has just been sent to the worker."""
-        if self._timer is None:
+        if self._timer is None and self._limits:  # no limits yet (start-up): nothing to watch
             self._arm(time.monotonic())
 
     def stop(self) -> None:

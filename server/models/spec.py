@@ -55,6 +55,8 @@ class TensorSpec:
 
     def at_length(self, length: int) -> tuple[int, ...]:
         """The per-sample shape with its dynamic dimension set to `length`."""
+        if self.dynamic_axis is None:
+            return self.shape  # per batch in the worker: no tuple built for a fixed shape
         return tuple(length if d == DYNAMIC else d for d in self.shape)
 
     @cached_property
