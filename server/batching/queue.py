@@ -306,11 +306,8 @@ class BatchQueue:
 
     def _expire(self, now: float) -> None:
         """Answer 504 for every queued request whose deadline is lost; it is never computed."""
-        if not self._pending:
-            return  # the common case once a batch is out: no estimate asked
-        cutoff = self._cutoff(now)
-        if self._earliest_deadline > cutoff:
-            return
+        if not self._pending or self._earliest_deadline > (cutoff := self._cutoff(now)):
+            return  # nothing queued (no estimate asked), or nothing lost
         kept: deque[PendingRequest] = deque()
         for request in self._pending:
             if request.deadline_at <= cutoff or (
