@@ -198,7 +198,7 @@ def _request_from(
         )
     return InferRequest(
         inputs=_decode_inputs(obj.get("inputs"), encoding, limits, shapes),
-        id=_decode_id(obj.get("id"), limits),
+        id=decode_id(obj.get("id"), limits),
         timeout_ms=_decode_timeout(obj.get("timeout_ms")),
     )
 
@@ -240,7 +240,7 @@ def _decode_inputs(
     return decoded
 
 
-def _decode_id(value: Any, limits: Limits) -> str | None:
+def decode_id(value: Any, limits: Limits) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
@@ -286,9 +286,11 @@ def decode_tensor(
         raise BadRequest(
             f"{field}.dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype_name!r}"
         )
-    elements = _check_shape(shape, field, limits, limits.max_elements if budget is None else budget)
+    elements = check_shape(
+        shape, f"{field}.shape", limits, limits.max_elements if budget is None else budget
+    )
     if shapes is not None:
-        shapes.check(name, cast(list[int], shape), field)  # _check_shape saw to it
+        shapes.check(name, cast(list[int], shape), field)  # check_shape saw to it
     if encoding == MSGPACK:
         arr = _array_from_bytes(data, dtype, shape, elements, field)
     else:
@@ -298,25 +300,25 @@ def decode_tensor(
     return arr
 
 
-def _check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
+def check_shape(shape: Any, label: str, limits: Limits, budget: int) -> int:
+    """The elements of a declared shape (`label` names it in errors: "inputs.x.shape"), checked
+    before any buffer is made, for /v1 and /v2 alike."""
     if not isinstance(shape, list):
-        raise BadRequest(
-            f"{field}.shape must be a list of non-negative integers, got {kind_of(shape)}"
-        )
+        raise BadRequest(f"{label} must be a list of non-negative integers, got {kind_of(shape)}")
     if len(shape) > limits.max_dims:
-        raise BadRequest(f"{field}.shape has {len(shape)} dimensions, at most {limits.max_dims}")
+        raise BadRequest(f"{label} has {len(shape)} dimensions, at most {limits.max_dims}")
     elements = bound = 1
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise BadRequest(f"{field}.shape must hold non-negative integers, got {shape!r}")
+            raise BadRequest(f"{label} must hold non-negative integers, got {shape!r}")
         elements *= dim
         # Checked as we go so that huge declared dims never reach an allocation; zero dims are
         # counted as 1, so that a 0 cannot hide an absurd shape such as [0, 2**70] from numpy.
         bound *= max(dim, 1)
         if bound > budget:
             raise PayloadTooLarge(
-                f"{field}.shape {shape!r} exceeds the limit of {limits.max_elements} "
-                "tensor elements per request"
+                f"{label} {shape!r} exceeds the limit of {limits.max_elements} tensor elements "
+                "per request (server.max_elements)"
             )
     return elements
 

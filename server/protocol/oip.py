@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from server.errors import BadRequest, UnsupportedMediaType
-from server.protocol.codec import Limits, check_json_size, loads_json
-from server.protocol.oip_tensor import check_shape, from_binary, from_json, kind_of
+from server.protocol.codec import Limits, check_json_size, check_shape, decode_id, loads_json
+from server.protocol.oip_tensor import from_binary, from_json, kind_of
 
 _REQUEST_KEYS = frozenset(("id", "parameters", "inputs", "outputs", "model_name", "model_version"))
 _INPUT_KEYS = frozenset(("name", "shape", "datatype", "parameters", "data"))
@@ -70,7 +70,7 @@ def decode_infer_request(body: bytes, framing: Framing, limits: Limits) -> OipRe
     tail = memoryview(body)[json_end:]
     return OipRequest(
         inputs=_decode_inputs(header.get("inputs"), tail, limits),
-        id=_request_id(header.get("id"), limits),
+        id=decode_id(header.get("id"), limits),
         timeout_ms=_timeout_ms(params.get("timeout")),
         outputs=_requested_outputs(header.get("outputs"), framing.output_names),
         binary_output=binary_output,
@@ -129,16 +129,6 @@ def _flag(params: dict[str, Any], key: str, field: str) -> bool | None:
     value = params.get(key)
     if value is not None and not isinstance(value, bool):
         raise BadRequest(f"{field}.{key} must be true or false, got {kind_of(value)}")
-    return value
-
-
-def _request_id(value: Any, limits: Limits) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"'id' must be a string, got {kind_of(value)}")
-    if len(value) > limits.max_id_chars:
-        raise BadRequest(f"'id' has {len(value)} characters, at most {limits.max_id_chars}")
     return value
 
 
@@ -203,7 +193,7 @@ def _decode_input(
         )
     datatype = tensor.get("datatype")
     shape: Any = tensor.get("shape")
-    elements = check_shape(shape, field, limits, budget)
+    elements = check_shape(shape, f"{field} shape", limits, budget)
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in tensor:

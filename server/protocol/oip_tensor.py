@@ -1,9 +1,9 @@
-"""Open Inference Protocol tensors: datatypes, shapes within the limits, JSON data (flat or
-nested) and binary data (the binary tensor extension) to numpy arrays.
+"""Open Inference Protocol tensors: datatypes, JSON data (flat or nested) and binary data (the
+binary tensor extension) to numpy arrays.
 
-Pure (numpy only; no aiohttp, no torch); runs on the event loop, called by oip.py. Every bad
-tensor raises BadRequest naming the input, or PayloadTooLarge for a shape over the limits,
-before any buffer is made for it.
+Pure (numpy only; no aiohttp, no torch); runs on the event loop, called by oip.py once the
+declared shape has passed the limits (codec.check_shape, shared with /v1). Every bad tensor
+raises BadRequest naming the input before any buffer is made for it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import BadRequest, PayloadTooLarge
-from server.protocol.codec import Limits
+from server.errors import BadRequest
 
 # OIP datatype -> its wire (little-endian) numpy dtype. BF16 and BYTES are handled apart.
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -42,27 +41,6 @@ BYTES = "BYTES"
 # The kinds of JSON value (as numpy reads a list of them) that each kind of dtype takes.
 _ACCEPTS = {"b": "biu", "i": "iu", "u": "iu", "f": "iuf"}
 _WANTS = {"b": "true/false (or 0/1)", "i": "integers", "u": "integers", "f": "numbers"}
-
-
-def check_shape(shape: Any, field: str, limits: Limits, budget: int) -> int:
-    if not isinstance(shape, list):
-        raise BadRequest(
-            f"{field} shape must be a list of non-negative integers, got {kind_of(shape)}"
-        )
-    if len(shape) > limits.max_dims:
-        raise BadRequest(f"{field} shape has {len(shape)} dimensions, at most {limits.max_dims}")
-    elements = bound = 1
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise BadRequest(f"{field} shape must hold non-negative integers, got {shape!r}")
-        elements *= dim
-        bound *= max(dim, 1)  # a 0 must not hide an absurd dimension beside it
-        if bound > budget:
-            raise PayloadTooLarge(
-                f"{field} shape {shape!r} exceeds the limit of {limits.max_elements} tensor "
-                "elements per request (server.max_elements)"
-            )
-    return elements
 
 
 def _wire_dtype(datatype: Any, field: str) -> np.dtype[Any]:
