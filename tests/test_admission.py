@@ -40,7 +40,10 @@ def snapshot(drain_rate: float = 100.0, batch_s: float = 0.05, **changes: float)
         "in_flight_samples": 0,
         "max_queue_size": 64,
     }
-    fields = {**base, **changes}
+    fields = {"length": 1, **base, **changes}
+    # A fixed shape unless told: a sample is one token.
+    fields.setdefault("queued_tokens", fields["queued_samples"])
+    fields.setdefault("in_flight_tokens", fields["in_flight_samples"])
     return Admission(**fields, estimate=Measured(drain_rate, batch_s), batch_samples=8)  # type: ignore[arg-type]
 
 
@@ -145,3 +148,23 @@ async def test_a_queued_request_no_batch_could_answer_in_time_is_never_computed(
     ex.finish()
     await asyncio.sleep(0)
     assert all(doomed not in b.requests for b in ex.dispatched)
+
+
+def test_a_backlog_of_long_requests_drains_by_its_tokens_not_its_count() -> None:
+    # 20 samples queued at 100 tokens/s: as 20 short ones (one token each) they drain in
+    # 0.2 s / 0.6 and a deadline 0.6 s away is met; as 20 of length 50 (1,000 tokens) they
+    # take 10 s / 0.6, and the same request is refused with a Retry-After to match.
+    short = snapshot(queued_samples=20, deadline_at=100.6)
+    assert admit(short) is None
+    long_ones = snapshot(queued_samples=20, queued_tokens=1000, deadline_at=100.6)
+    shed = admit(long_ones)
+    assert shed is not None and shed.reason == "deadline"
+    assert shed.retry_after_s == pytest.approx(1000 / 0.6 / 100.0 + 1 / 0.6 / 100 + 0.05 - 0.6)
+
+
+def test_a_long_request_adds_its_own_tokens_to_the_drain() -> None:
+    # 10 tokens queued; the request itself is 1 sample of length 40: (10 + 40) / (0.6 * 100)
+    # = 0.83 s plus a batch of 0.05 s, past a deadline 0.5 s away; at length 1 it is 0.23 s.
+    assert admit(snapshot(queued_samples=10, deadline_at=100.5)) is None
+    shed = admit(snapshot(queued_samples=10, length=40, deadline_at=100.5))
+    assert shed is not None and shed.reason == "deadline"

@@ -34,6 +34,12 @@ def test_batch_time_is_unknown_until_measured_without_a_calibration() -> None:
     assert est.batch_s(10.0, 8) == pytest.approx(0.1) and est.rate(10.0) == pytest.approx(80.0)
 
 
+def test_drain_rate_is_in_tokens_where_samples_have_lengths() -> None:
+    est = BatchTime()
+    est.record(now=10.0, dispatched_at=9.9, samples=8, length=50, tokens=300)  # 8 of 10-50
+    assert est.rate(10.0) == pytest.approx(3000.0)  # tokens asked for, not positions padded
+
+
 def test_drain_rate_counts_busy_time_only() -> None:
     est = BatchTime()
     est.record(now=10.0, dispatched_at=9.9, samples=8)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from server.batching.lengths import Lengths
 from server.batching.pending import PendingRequest, RequestResult
 from server.batching.queue import BatchQueue
 from server.config import BatchingConfig
+from server.errors import Overloaded
 from server.executors.base import Batch, BatchDone
 from server.metrics import Metrics
 from server.models.spec import TensorSpec
@@ -138,3 +140,38 @@ async def test_the_oldest_rides_first_however_its_length_compares() -> None:
     ex.finish()
     await settle()
     assert long in ex.dispatched[1].requests
+
+
+async def test_admission_reads_a_backlog_of_long_requests_by_its_tokens() -> None:
+    """The drain rate is in tokens: after a batch of 10 tokens took 10 ms (1,000 tokens/s),
+    four queued requests of 100 tokens are known to take far longer than four of 1 token,
+    and a request with 300 ms left is refused behind the first and admitted behind the second
+    (counted in samples, both backlogs would have looked alike: 4 samples at 100/s)."""
+    for queued_length, admitted in ((1, True), (100, False)):
+        clock, ex = FakeClock(), PaddingExecutor()
+        q = make_queue(ex, clock, Metrics())
+        q.submit(request(clock, 10))
+        await settle()
+        clock.advance(0.010)
+        ex.finish()  # 10 tokens in 10 ms of busy time
+        await settle()
+        q.submit(request(clock, 10))  # computing: the backlog's head
+        await settle()
+        for _ in range(4):
+            q.submit(request(clock, queued_length))
+        future: asyncio.Future[RequestResult] = asyncio.get_running_loop().create_future()
+        late = PendingRequest(
+            {"ids": np.zeros((1, 10), np.float32)},
+            1,
+            False,
+            clock.now(),
+            clock.now() + 0.3,
+            future,
+            length=10,
+        )
+        if admitted:
+            q.submit(late)
+        else:
+            with pytest.raises(Overloaded, match="past this request's deadline"):
+                q.submit(late)
+        assert q.outstanding_samples == 5 + admitted

@@ -1,6 +1,7 @@
 """Whether to admit a request: a pure function of a snapshot of one model's queue and of what
-the batch-time estimate (estimate.py) says: samples answered per second of busy time, and the
-time a batch takes.
+the batch-time estimate (estimate.py) says: tokens answered per second of busy time, and the
+time a batch takes. A token is a sample at one unit of its length (backlog.py): for a fixed
+shape, a sample; for a sequence model the backlog drains by its tokens, not its count.
 
 No asyncio, no clock reads: the queue passes `now` in, so the rules are tested with numbers.
 The estimate is asked only where the answer depends on it (a backlog and a deadline): most
@@ -26,7 +27,7 @@ class Estimate(Protocol):
     """What admission reads of a model's batch-time estimate (estimate.BatchTime)."""
 
     def rate(self, now: float) -> float:
-        """Samples answered per second of busy time; 0 while not measured."""
+        """Tokens answered per second of busy time; 0 while not measured."""
         ...
 
     def batch_s(self, now: float, samples: int, length: int = 1, *, idle: bool = False) -> float:
@@ -46,7 +47,9 @@ class Admission:
     max_queue_size: int
     estimate: Estimate
     batch_samples: int  # the batch whose time a request expects (max_batch_size)
-    length: int = 1  # padded to the request's own length: a long request expects a long batch
+    length: int  # its own: a long request expects a long batch, and adds more to drain
+    queued_tokens: int
+    in_flight_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,7 @@ def admit(s: Admission) -> Shed | None:
         return Shed(
             "queue_full",
             f"{s.queued_samples} samples queued, limit {s.max_queue_size}",
-            _seconds(s.queued_samples, s.estimate.rate(s.now)),
+            _seconds(s.queued_tokens, s.estimate.rate(s.now)),
         )
     if s.queued_samples == 0 or s.deadline_at == math.inf:
         return None  # no backlog (a free slot takes it soon), or no deadline to miss
@@ -71,20 +74,20 @@ def admit(s: Admission) -> Shed | None:
         return None  # nothing measured yet
     # Everything ahead and the request itself drain at the measured rate; one more batch time
     # covers the batch that is computing when it is dispatched.
-    ahead = s.queued_samples + s.in_flight_samples
+    tokens = s.queued_tokens + s.in_flight_tokens + s.samples * s.length
     batch_s = s.estimate.batch_s(s.now, s.batch_samples, s.length)
-    done_at = s.now + (ahead + s.samples) / (RATE_MARGIN * drain_rate) + batch_s
+    done_at = s.now + tokens / (RATE_MARGIN * drain_rate) + batch_s
     if done_at <= s.deadline_at:
         return None
     return Shed(
         "deadline",
         f"{s.queued_samples} samples queued would take about "
         f"{(done_at - s.now) * 1000.0:.0f} ms, past this request's deadline",
-        max(done_at - s.deadline_at, _seconds(s.queued_samples, drain_rate)),
+        max(done_at - s.deadline_at, _seconds(s.queued_tokens, drain_rate)),
     )
 
 
-def _seconds(samples: int, rate: float) -> float:
+def _seconds(tokens: int, rate: float) -> float:
     if rate <= 0.0:
         return UNKNOWN_RETRY_AFTER_S
-    return max(0.001, samples / rate)
+    return max(0.001, tokens / rate)

@@ -47,7 +47,7 @@ class BatchTime:
         # With a prior: observed / calibrated, averaged. Without one: seconds per batch and
         # unit of padded length.
         self._level = 1.0 if prior is not None else 0.0
-        self._rate = 0.0  # samples answered per second of busy time
+        self._rate = 0.0  # tokens answered per second of busy time
         self._evidence_at = -math.inf
         self._half_life_s = HALF_LIFE_S
         self._last_done_at: float | None = None
@@ -67,7 +67,8 @@ class BatchTime:
         return calibrated * level
 
     def rate(self, now: float) -> float:
-        """Samples answered per second of busy time; 0 (unknown) once its evidence is stale."""
+        """Tokens (backlog.py) answered per second of busy time; 0 (unknown) once its evidence
+        is stale."""
         # Stale once kept below a half: older than one half-life (no power taken per request).
         return self._rate if now - self._evidence_at <= self._half_life_s else 0.0
 
@@ -77,11 +78,14 @@ class BatchTime:
         dispatched_at: float,
         samples: int,
         length: int = 1,
+        tokens: int | None = None,
         *,
         clean: bool = True,
     ) -> None:
-        """A batch answered at `now`. Not clean: it was retried after its worker died, so its
-        time spans a restart, not the model's work; it still ends the busy period."""
+        """A batch answered at `now`: `samples` padded to `length`, `tokens` of them requested
+        (each sample's own length; `samples` for a fixed shape). Not clean: it was retried after
+        its worker died, so its time spans a restart, not the model's work; it still ends the
+        busy period."""
         last = self._last_done_at
         start = dispatched_at if last is None else max(dispatched_at, last)
         self._last_done_at = now
@@ -93,7 +97,7 @@ class BatchTime:
             took = min(took, CLAMP * expected)
         busy = min(now - start, took)
         if busy > 0.0:
-            self._rate = _average(self._rate, samples / busy)
+            self._rate = _average(self._rate, (samples if tokens is None else tokens) / busy)
         self._learn(now, samples, length, took)
         self._evidence_at = now
         # A model whose batches take long has long gaps between pieces of evidence: those

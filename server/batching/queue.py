@@ -15,6 +15,7 @@ from collections import deque
 
 from server.batching.admission import Admission, admit
 from server.batching.answers import answer_each, non_finite_samples
+from server.batching.backlog import Backlog
 from server.batching.bisection import halves, should_bisect
 from server.batching.estimate import BatchTime, Prior
 from server.batching.lengths import Lengths
@@ -59,8 +60,7 @@ class BatchQueue:
         self._loop = loop
         self._metrics = metrics
         self._pending: deque[PendingRequest] = deque()
-        self._queued_samples = 0
-        self._in_flight_samples = 0
+        self._backlog = Backlog()
         self._pump_scheduled = False
         self._pumping = False
         self._timer: Timer | None = None
@@ -80,18 +80,18 @@ class BatchQueue:
 
     @property
     def queued_samples(self) -> int:
-        return self._queued_samples
+        return self._backlog.queued
 
     @property
     def outstanding_samples(self) -> int:
         """Admitted and not yet answered: queued or in an executor."""
-        return self._queued_samples + self._in_flight_samples
+        return self._backlog.outstanding
 
     def submit(self, request: PendingRequest) -> None:
         """Admit a request or raise (503) at once; its future is answered later."""
         self._admit(request.samples, request.deadline_at, request.length)
         self._pending.append(request)
-        self._queued_samples += request.samples
+        self._backlog.enqueue(request)
         self._earliest_deadline = min(self._earliest_deadline, request.deadline_at)
         self._idle.clear()
         self._schedule_pump()
@@ -109,18 +109,20 @@ class BatchQueue:
     def _admit(self, samples: int, deadline_at: float, length: int = 1) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
-        settings = self.settings
+        settings, backlog = self.settings, self._backlog
         shed = admit(
             Admission(
                 self._clock.now(),
                 samples,
                 deadline_at,
-                self._queued_samples,
-                self._in_flight_samples,
+                backlog.queued,
+                backlog.in_flight,
                 settings.max_queue_size,
                 self._estimate,
                 settings.max_batch_size,
                 length,
+                backlog.queued_tokens,
+                backlog.in_flight_tokens,
             )
         )
         if shed is not None:
@@ -149,12 +151,12 @@ class BatchQueue:
         for request in self._pending:
             reject(request.future, error)
         for group in self._retries:
-            self._in_flight_samples -= sum(r.samples for r in group)
+            self._backlog.end(group)
             for request in group:
                 reject(request.future, error)
         self._pending.clear()
         self._retries.clear()
-        self._queued_samples = 0
+        self._backlog.clear_queue()
         self._earliest_deadline = float("inf")
         self._note_idle()
 
@@ -192,7 +194,7 @@ class BatchQueue:
             decision = decide(
                 QueueSnapshot(
                     now=now,
-                    queued_samples=self._queued_samples,
+                    queued_samples=self._backlog.queued,
                     oldest_arrival_at=self._pending[0].arrived_at,
                     free_slots=self._dispatcher.free_slots(self.model),
                     max_batch_size=self.settings.max_batch_size,
@@ -232,7 +234,7 @@ class BatchQueue:
             live: list[PendingRequest] = []
             for request in self._retries.popleft():
                 if request.is_gone() or request.deadline_at <= self._cutoff(now, request.length):
-                    self._in_flight_samples -= request.samples
+                    self._backlog.end((request,))
                     self._drop(request, now)
                 else:
                     live.append(request)
@@ -244,8 +246,8 @@ class BatchQueue:
         answer after them. The sweep's shortcut and the timer go by length 1, the earliest
         cutoff (so a fixed shape is judged as before, and the timer never spins); whenever the
         sweep runs, each request of a dynamic model is judged at its own length."""
-        samples = min(self._queued_samples, self.settings.max_batch_size)
-        idle = self._in_flight_samples == 0
+        samples = min(self._backlog.queued, self.settings.max_batch_size)
+        idle = self._backlog.in_flight == 0
         return now + self._estimate.batch_s(now, samples, length, idle=idle)
 
     def _drop(self, request: PendingRequest, now: float) -> None:
@@ -277,7 +279,7 @@ class BatchQueue:
         requests: list[PendingRequest] = []
         samples = 0
         for request in self._next_requests():
-            self._queued_samples -= request.samples
+            self._backlog.dequeue(request)
             if request.is_gone():
                 self._metrics.request_dropped(self.model, "client_gone")
                 continue
@@ -289,7 +291,7 @@ class BatchQueue:
         if not requests:
             self._note_idle()
             return None
-        self._in_flight_samples += samples
+        self._backlog.start(requests)
         return self._batch(requests, samples)
 
     def _next_requests(self) -> list[PendingRequest]:
@@ -313,7 +315,7 @@ class BatchQueue:
             if request.deadline_at <= cutoff or (
                 request.length > 1 and request.deadline_at <= self._cutoff(now, request.length)
             ):
-                self._queued_samples -= request.samples
+                self._backlog.dequeue(request)
                 self._drop(request, now)
             else:
                 kept.append(request)
@@ -344,12 +346,12 @@ class BatchQueue:
     def _finish(self, batch: Batch, outcome: BatchOutcome) -> None:
         """Answer every request of a batch from its one outcome, or retry the halves of a batch
         the model raised on, so that only the request(s) that make it raise fail."""
-        self._in_flight_samples -= batch.samples
+        tokens = self._backlog.end(batch.requests)
         now = self._clock.now()
         # A batch that ran twice (its worker died) timed a restart, not the model.
         clean = isinstance(outcome, BatchDone) and batch.attempts <= 1
         dispatched_at = self._running.pop(batch, now)
-        self._estimate.record(now, dispatched_at, batch.samples, batch.length, clean=clean)
+        self._estimate.record(now, dispatched_at, batch.samples, batch.length, tokens, clean=clean)
         if isinstance(outcome, BatchDone):
             self._answer(batch, outcome)
         elif should_bisect(outcome.code, outcome.model_raised, len(batch.requests)):
@@ -371,7 +373,7 @@ class BatchQueue:
         self._metrics.batch_failed(self.model, outcome.device, batch.samples)
         first, second = halves(batch.requests, [r.samples for r in batch.requests])
         self._retries.extend((first, second))
-        self._in_flight_samples += batch.samples
+        self._backlog.start(batch.requests)
         log.info(
             "model %r raised on a batch of %d requests (%s); running halves of %d and %d "
             "requests to find the culprit",
