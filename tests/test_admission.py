@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from server.batching.admission import UNKNOWN_RETRY_AFTER_S, Admission, admit
+from server.batching.admission import UNKNOWN_RETRY_AFTER_S, Admission, admit, may_shed
 from server.batching.pending import PendingRequest, RequestResult
 from server.batching.queue import BatchQueue
 from server.config import BatchingConfig
@@ -168,3 +168,21 @@ def test_a_long_request_adds_its_own_tokens_to_the_drain() -> None:
     assert admit(snapshot(queued_samples=10, deadline_at=100.5)) is None
     shed = admit(snapshot(queued_samples=10, length=40, deadline_at=100.5))
     assert shed is not None and shed.reason == "deadline"
+
+
+@pytest.mark.parametrize("queued", [0, 1, 30, 63, 64])
+@pytest.mark.parametrize("samples", [1, 8])
+@pytest.mark.parametrize("deadline_at", [100.0001, 101.0, float("inf")])
+@pytest.mark.parametrize("drain_rate", [0.0, 1.0, 1000.0])
+def test_may_shed_is_false_only_where_admit_admits_without_asking(
+    queued: int, samples: int, deadline_at: float, drain_rate: float
+) -> None:
+    """The queue skips the snapshot where may_shed says no: admit must agree, whatever the
+    estimate says (a slow one here would shed anything it was asked about)."""
+    s = snapshot(
+        queued_samples=queued, samples=samples, deadline_at=deadline_at, drain_rate=drain_rate
+    )
+    if not may_shed(queued, samples, 64, deadline_at):
+        assert admit(s) is None
+    else:
+        assert queued > 0 or queued + samples > 64

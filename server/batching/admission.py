@@ -59,6 +59,14 @@ class Shed:
     retry_after_s: float
 
 
+def may_shed(queued_samples: int, samples: int, max_queue_size: int, deadline_at: float) -> bool:
+    """False where `admit` would admit without asking anything (room in the queue, and no
+    backlog or no deadline): the common case, decided before a snapshot is built."""
+    if queued_samples + samples > max_queue_size:
+        return True
+    return queued_samples > 0 and deadline_at != math.inf
+
+
 def admit(s: Admission) -> Shed | None:
     """None to admit; else why not and when a retry may succeed."""
     if s.queued_samples + s.samples > s.max_queue_size:
@@ -67,7 +75,7 @@ def admit(s: Admission) -> Shed | None:
             f"{s.queued_samples} samples queued, limit {s.max_queue_size}",
             _seconds(s.queued_tokens, s.estimate.rate(s.now)),
         )
-    if s.queued_samples == 0 or s.deadline_at == math.inf:
+    if not may_shed(s.queued_samples, s.samples, s.max_queue_size, s.deadline_at):
         return None  # no backlog (a free slot takes it soon), or no deadline to miss
     drain_rate = s.estimate.rate(s.now)
     if drain_rate <= 0.0:

@@ -13,7 +13,7 @@ import logging
 import math
 from collections import deque
 
-from server.batching.admission import Admission, admit
+from server.batching.admission import Admission, admit, may_shed
 from server.batching.answers import answer_each, non_finite_samples
 from server.batching.backlog import Backlog
 from server.batching.bisection import halves, should_bisect
@@ -24,13 +24,7 @@ from server.batching.policy import QueueSnapshot, decide
 from server.batching.running import Running
 from server.clock import Clock, Timer
 from server.config import BatchingConfig
-from server.errors import (
-    DeadlineExceeded,
-    Overloaded,
-    ServingError,
-    ShuttingDown,
-    error_for_code,
-)
+from server.errors import DeadlineExceeded, Overloaded, ServingError, ShuttingDown, error_for_code
 from server.executors.base import Batch, BatchDone, BatchFailed, BatchOutcome, Dispatcher
 from server.metrics import Metrics
 
@@ -110,6 +104,8 @@ class BatchQueue:
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         settings, backlog = self.settings, self._backlog
+        if not may_shed(backlog.queued, samples, settings.max_queue_size, deadline_at):
+            return
         shed = admit(
             Admission(
                 self._clock.now(),
