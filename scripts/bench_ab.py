@@ -7,6 +7,11 @@ order, so that a drift of the machine hits both alike); medians and the after/be
 Runs in the CLI process; each server is a subprocess started from its own checkout (its own
 code on the import path), saturated by wrk (64 keep-alive connections, one fixed msgpack body)
 and timed by lone requests over one keep-alive connection (client/transport.py). Needs wrk.
+
+Besides req/s it reports the server process's CPU per request at saturation (Linux /proc): on a
+shared VM, time stolen by neighbours lowers req/s but not the CPU each request costs, so this
+figure moves less from round to round. Ratios are also given per round (after/before of the
+same round, then their median), which cancels a drift that lasts longer than one round.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Cell:
     saturation_rps: float
     errors: int
     lone_p50_ms: float
+    cpu_us_per_request: float  # the server process (the event loop), at saturation; 0: unknown
 
 
 def body_for(model: str) -> bytes:
@@ -112,15 +118,31 @@ def measure(label: str, checkout: Path, model: str, seconds: float) -> Cell:
         body = body_for(model)
         infer = f"{url}/v1/models/{model}/infer"
         run_wrk_blocking(wrk, infer, body, 64, 2.0)  # warm-up
+        cpu_before = cpu_seconds(process.pid)
         report = run_wrk_blocking(wrk, infer, body, 64, seconds)
+        cpu_after = cpu_seconds(process.pid)
         errors = report.non_2xx + report.socket_errors
         lone = lone_p50_ms(url, model, body, 400)
     finally:
         process.terminate()
         process.wait(30)
         log.unlink(missing_ok=True)
-    rps = max(0, report.requests - errors) / report.duration_s
-    return Cell(label, model, rps, errors, lone)
+    answered = max(0, report.requests - errors)
+    rps = answered / report.duration_s
+    cpu_us = 0.0
+    if cpu_before is not None and cpu_after is not None and answered:
+        cpu_us = (cpu_after - cpu_before) / answered * 1e6
+    return Cell(label, model, rps, errors, lone, cpu_us)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -142,7 +164,8 @@ def main() -> int:
                 cells.append(cell)
                 print(
                     f"round {r + 1} {model:6} {label:6} {cell.saturation_rps:9.0f} req/s "
-                    f"(errors {cell.errors})  lone p50 {cell.lone_p50_ms:.3f} ms",
+                    f"(errors {cell.errors})  lone p50 {cell.lone_p50_ms:.3f} ms  "
+                    f"server CPU {cell.cpu_us_per_request:.1f} us/request",
                     flush=True,
                 )
         report(model, [c for c in cells if c.model == model])
@@ -153,15 +176,28 @@ def report(model: str, cells: list[Cell]) -> None:
     def med(label: str, pick: str) -> float:
         return float(statistics.median(getattr(c, pick) for c in cells if c.label == label))
 
+    def paired(pick: str) -> float:
+        """The median over rounds of after/before within the same round."""
+        b = [getattr(c, pick) for c in cells if c.label == "before"]
+        a = [getattr(c, pick) for c in cells if c.label == "after"]
+        return float(statistics.median(y / x for x, y in zip(b, a, strict=True) if x))
+
     before, after = med("before", "saturation_rps"), med("after", "saturation_rps")
     lone_b, lone_a = med("before", "lone_p50_ms"), med("after", "lone_p50_ms")
+    cpu_b, cpu_a = med("before", "cpu_us_per_request"), med("after", "cpu_us_per_request")
     rounds = sum(c.label == "before" for c in cells)
     print(
         f"{model}: median of {rounds} rounds: saturation {before:.0f} -> {after:.0f} req/s "
-        f"(after/before {after / before:.3f}); lone p50 {lone_b:.3f} -> {lone_a:.3f} ms "
-        f"({lone_a / lone_b:.3f})",
+        f"(after/before {after / before:.3f}, per round {paired('saturation_rps'):.3f}); "
+        f"lone p50 {lone_b:.3f} -> {lone_a:.3f} ms ({lone_a / lone_b:.3f})",
         flush=True,
     )
+    if cpu_b and cpu_a:
+        print(
+            f"{model}: server CPU per request at saturation {cpu_b:.1f} -> {cpu_a:.1f} us "
+            f"(after/before {cpu_a / cpu_b:.3f}, per round {paired('cpu_us_per_request'):.3f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
