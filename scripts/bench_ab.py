@@ -8,9 +8,9 @@ Runs in the CLI process; each server is a subprocess started from its own checko
 code on the import path), saturated by wrk (64 keep-alive connections, one fixed msgpack body)
 and timed by lone requests over one keep-alive connection (client/transport.py). Needs wrk.
 
-Besides req/s it reports the server process's CPU per request at saturation (Linux /proc): on a
-shared VM, time stolen by neighbours lowers req/s but not the CPU each request costs, so this
-figure moves less from round to round. Ratios are also given per round (after/before of the
+Besides req/s it reports the server process's CPU per request at saturation (psutil): on a
+shared VM, time stolen by neighbours lowers req/s more than the CPU each request costs, so this
+figure usually moves less from round to round. Ratios are also given per round (after/before of the
 same round, then their median), which cancels a drift that lasts longer than one round.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import psutil
 
 # This checkout first: run as `python scripts/bench_ab.py`, the script's own folder leads the
 # path, and there scripts/bench.py would stand in for the bench package.
@@ -136,13 +137,12 @@ def measure(label: str, checkout: Path, model: str, seconds: float) -> Cell:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    """User + system CPU seconds of a process so far; None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float(times.user + times.system)
 
 
 def main() -> int:
